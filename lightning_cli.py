@@ -1,0 +1,6 @@
+"""Entry point: ``python lightning_cli.py {test,fit,predict} --config configs/<x>.yaml``."""
+
+from patchcore_lightning.cli import main
+
+if __name__ == "__main__":
+    main()

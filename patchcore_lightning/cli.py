@@ -1,0 +1,167 @@
+"""``python lightning_cli.py test --config configs/<x>.yaml``: one command, every listed category."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from .backbones import WeightsError
+from .data.mvtec import DataError, MVTecDataModule
+from .metrics import METRIC_NAMES
+from .model_io import ModelFormatError
+from .module import PatchCoreModule
+from .reporting import write_results, write_segmentation_images
+
+__all__ = ["CategoryProgressBar", "PatchCoreCLI", "main"]
+
+log = logging.getLogger("patchcore_lightning")
+
+TRAINER_DEFAULTS: dict[str, Any] = {
+    "devices": 1,
+    "enable_checkpointing": False,
+    "enable_model_summary": False,
+    "inference_mode": True,
+}
+
+
+class CategoryProgressBar(TQDMProgressBar):
+    """The test progress bar, named after the category being evaluated: ``mvtec_bottle (1/15)``."""
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        super().on_test_batch_start(trainer, pl_module, batch, batch_idx, dataloader_idx)
+        if batch_idx == 0 and trainer.datamodule is not None:
+            dm = trainer.datamodule
+            position = f"({dm.categories.index(dm.category) + 1}/{len(dm.categories)})"
+            self.test_progress_bar.set_description(f"{dm.dataset_name} {position}")
+
+
+class PatchCoreCLI(LightningCLI):
+    """LightningCLI over PatchCoreModule and MVTecDataModule with a top-level ``results_dir``."""
+
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            PatchCoreModule,
+            MVTecDataModule,
+            seed_everything_default=0,
+            trainer_defaults=TRAINER_DEFAULTS,
+            save_config_callback=None,
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument(
+            "--results_dir",
+            type=str,
+            default="results",
+            help="Folder for results.csv, segmentation_images/ and the TensorBoard logs.",
+        )
+
+    @property
+    def results_dir(self) -> Path:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        return Path(config.results_dir)
+
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer_config = {**self._get(self.config_init, "trainer", default={}), **kwargs}
+        if trainer_config.get("default_root_dir") is None:
+            trainer_config["default_root_dir"] = str(self.results_dir)  # TensorBoard logs under results_dir
+        extra = []
+        given = trainer_config.get("callbacks") or []
+        if trainer_config.get("enable_progress_bar", True) is not False and not any(
+            isinstance(c, ProgressBar) for c in given
+        ):
+            extra.append(CategoryProgressBar())
+        return self._instantiate_trainer(trainer_config, extra)
+
+    def test(
+        self,
+        model: PatchCoreModule,
+        datamodule: MVTecDataModule,
+        ckpt_path: str | None = None,
+        verbose: bool = True,
+        weights_only: bool | None = None,
+    ) -> dict[str, dict[str, float]]:
+        """Evaluate every category of ``data.categories`` with its model; write results.csv after each."""
+        if ckpt_path is not None:
+            raise ValueError("ckpt_path is not used: PatchCore models are folders given in model.model_paths")
+        categories = datamodule.categories
+        n = len(categories)
+        for i in range(n):
+            model.model_path_for(i, n)  # fail before any work if the counts do not match
+        results_dir = self.results_dir
+        rows: dict[str, dict[str, float]] = {}
+        for i, category in enumerate(categories):
+            datamodule.select(category)
+            model.select(i, n)
+            name = datamodule.dataset_name
+            log.info("Evaluating dataset [%s] (%d/%d)...", name, i + 1, n)
+            self.trainer.test(model, datamodule=datamodule, verbose=False)
+            result = model.result
+            rows[name] = {k: result[k] for k in METRIC_NAMES}
+            for k in METRIC_NAMES:
+                log.info("%s: %.3f", k, rows[name][k])
+            if self.trainer.is_global_zero:
+                write_results(results_dir / "results.csv", rows)
+                if model.save_segmentation_images:
+                    self._save_segmentation_images(datamodule, result, results_dir / "segmentation_images" / name)
+        if self.trainer.is_global_zero and verbose:
+            _print_table(rows)
+            print(f"results written to {results_dir / 'results.csv'}")
+        return rows
+
+    @staticmethod
+    def _save_segmentation_images(datamodule: MVTecDataModule, result: dict, folder: Path) -> None:
+        dataset = datamodule.test_dataset
+        samples = [dataset.samples[i] for i in result["indices"].tolist()]
+        images = [_display_image(dataset, s) for s in samples]
+        write_segmentation_images(folder, samples, images, result["masks"], result["maps"], result["scores"])
+        log.info("segmentation images written to %s", folder)
+
+
+def _display_image(dataset, sample) -> np.ndarray:
+    """The test image as the backbone saw it (resized and cropped), un-normalised. (S, S, 3) uint8"""
+    from PIL import Image
+
+    with Image.open(sample.image) as img:
+        return np.asarray(dataset.mask_transform(img.convert("RGB")), dtype=np.uint8)
+
+
+def _print_table(rows: dict[str, dict[str, float]]) -> None:
+    names = [*rows, "mean"]
+    means = {k: float(np.mean([r[k] for r in rows.values()])) for k in METRIC_NAMES}
+    width = max(len(n) for n in names) + 2
+    print("".join(["dataset".ljust(width), *(k.rjust(21) for k in METRIC_NAMES)]))
+    for name in names:
+        values = rows.get(name, means)
+        print("".join([name.ljust(width), *(f"{values[k]:21.4f}" for k in METRIC_NAMES)]))
+
+
+_USER_ERRORS = (DataError, ModelFormatError, WeightsError, FileNotFoundError, PermissionError, ValueError)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Run the CLI; a bad input ends in one line on stderr and exit code 2 (PATCHCORE_DEBUG=1: traceback)."""
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+    try:
+        PatchCoreCLI(args=args)
+    except _USER_ERRORS as err:
+        if os.environ.get("PATCHCORE_DEBUG"):
+            raise
+        lines = [line for line in str(err).strip().splitlines() if line.strip()]
+        message = lines[-1].strip() if lines else type(err).__name__
+        print(f"error: {message}  (PATCHCORE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        sys.exit(2)

@@ -1,0 +1,211 @@
+"""MVTec AD: one category's test (or train) split as tensors, and a DataModule over categories.
+
+Layout: ``<root>/<category>/{train/good, test/<type>, ground_truth/<type>/<stem>_mask.png}``.
+Test images are ordered by anomaly type (sorted), then file name (sorted), as the original.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+
+__all__ = ["IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "DataError", "MVTecDataModule", "MVTecDataset", "Sample"]
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+
+
+class DataError(ValueError):
+    """A data set that does not follow the MVTec AD layout, or an unreadable file in it."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One test image: its path, anomaly type and ground-truth mask path (None for ``good``)."""
+
+    image: Path
+    anomaly: str
+    mask: Path | None
+
+    @property
+    def label(self) -> int:
+        return int(self.anomaly != "good")
+
+    @property
+    def name(self) -> str:
+        """``<anomaly>_<file stem>``, the name of its segmentation image."""
+        return f"{self.anomaly}_{self.image.stem}"
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def list_samples(root: str | os.PathLike, category: str, split: str = "test") -> list[Sample]:
+    """The samples of one category's split, in the original's order, with masks paired by name."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data root not found: {root}")
+    category_dir = root / category
+    if not category_dir.is_dir():
+        found = sorted(p.name for p in root.iterdir() if p.is_dir())
+        raise DataError(f"category folder not found: {category_dir} (categories in {root}: {found})")
+    split_dir = category_dir / split
+    if not split_dir.is_dir():
+        raise DataError(f"no {split}/ folder in {category_dir}")
+    samples: list[Sample] = []
+    for type_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+        anomaly = type_dir.name
+        images = _images_in(type_dir)
+        if split != "test" or anomaly == "good":
+            samples += [Sample(image, anomaly, None) for image in images]
+            continue
+        mask_dir = category_dir / "ground_truth" / anomaly
+        masks = {p.stem: p for p in _images_in(mask_dir)} if mask_dir.is_dir() else {}
+        for image in images:
+            mask = masks.pop(f"{image.stem}_mask", None)
+            if mask is None:
+                raise DataError(
+                    f"no ground-truth mask for {image.relative_to(category_dir)} "
+                    f"(looked for {image.stem}_mask.* in {mask_dir})"
+                )
+            samples.append(Sample(image, anomaly, mask))
+        if masks:
+            raise DataError(f"{mask_dir}: masks without a test image: {sorted(masks)}")
+    if not samples:
+        raise DataError(f"no images in {split_dir} (looked for {', '.join(IMAGE_EXTENSIONS)} in its subfolders)")
+    return samples
+
+
+def _open(path: Path, mode: str) -> Image.Image:
+    try:
+        with Image.open(path) as img:
+            return img.convert(mode)  # convert() loads the pixels: truncated files fail here
+    except Exception as err:
+        raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
+
+
+class MVTecDataset(Dataset):
+    """Items: image (3, S, S) float ImageNet-normalised, mask (S, S) uint8, label, index.
+
+    The mask is the resized and cropped ground truth as 0..255 (the original's float mask times
+    255, exactly): a pixel is anomalous where it is 255, i.e. where the original's float mask is 1.0.
+    """
+
+    def __init__(self, samples: list[Sample], resize: int, imagesize: int) -> None:
+        self.samples = samples
+        self.imagesize = imagesize
+        geometry = [transforms.Resize(resize), transforms.CenterCrop(imagesize)]
+        self.image_transform = transforms.Compose(
+            [*geometry, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+        )
+        self.mask_transform = transforms.Compose(geometry)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        sample = self.samples[index]
+        image = _open(sample.image, "RGB")
+        if sample.mask is None:
+            mask = torch.zeros(self.imagesize, self.imagesize, dtype=torch.uint8)
+        else:
+            mask_img = _open(sample.mask, "L")
+            if mask_img.size != image.size:
+                raise DataError(
+                    f"mask {sample.mask} is {mask_img.size[0]}x{mask_img.size[1]}, "
+                    f"its image {sample.image} {image.size[0]}x{image.size[1]}"
+                )
+            mask = torch.from_numpy(np.asarray(self.mask_transform(mask_img), dtype=np.uint8).copy())  # (S, S)
+        return self.image_transform(image), mask, sample.label, index
+
+
+class MVTecDataModule(L.LightningDataModule):
+    """MVTec AD categories, evaluated one after another (``select`` picks the current one).
+
+    Args:
+        root: folder holding one subfolder per category (the MVTec AD root).
+        categories: categories to evaluate, in order, e.g. ``[bottle, cable]``.
+        resize: shorter image side after resizing (bilinear), before the center crop.
+        imagesize: side of the square center crop fed to the backbone.
+        batch_size: images per batch.
+        num_workers: data loading processes (0 loads in the main process).
+    """
+
+    def __init__(
+        self,
+        root: str = "data/mvtec",
+        categories: list[str] = ["bottle"],  # noqa: B006  (read-only; LightningCLI needs a literal default)
+        resize: int = 256,
+        imagesize: int = 224,
+        batch_size: int = 2,
+        num_workers: int = 4,
+    ) -> None:
+        super().__init__()
+        if not categories:
+            raise ValueError("data.categories is empty: list at least one category")
+        if len(set(categories)) != len(categories):
+            raise ValueError(f"data.categories lists a category twice: {categories}")
+        if imagesize < 1 or resize < imagesize:
+            raise ValueError(f"need 1 <= imagesize <= resize, got resize={resize}, imagesize={imagesize}")
+        if batch_size < 1 or num_workers < 0:
+            raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+        self.root = root
+        self.categories = list(categories)
+        self.resize = resize
+        self.imagesize = imagesize
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.category = self.categories[0]
+        self.test_dataset: MVTecDataset | None = None
+        self.train_dataset: MVTecDataset | None = None
+
+    @property
+    def dataset_name(self) -> str:
+        return f"mvtec_{self.category}"
+
+    def select(self, category: str) -> None:
+        """Make ``category`` the one the dataloaders serve; datasets are rebuilt in ``setup``."""
+        if category not in self.categories:
+            raise ValueError(f"category {category!r} is not in data.categories {self.categories}")
+        self.category = category
+        self.test_dataset = self.train_dataset = None
+
+    def dataset(self, split: str) -> MVTecDataset:
+        return MVTecDataset(list_samples(self.root, self.category, split), self.resize, self.imagesize)
+
+    def setup(self, stage: str) -> None:
+        if stage in ("test", "validate") and self.test_dataset is None:
+            self.test_dataset = self.dataset("test")
+        if stage == "fit" and self.train_dataset is None:
+            self.train_dataset = self.dataset("train")
+
+    def _loader(self, dataset: Dataset) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            persistent_workers=False,
+            pin_memory=torch.cuda.is_available(),
+        )
+
+    def test_dataloader(self) -> DataLoader:
+        assert self.test_dataset is not None, "setup('test') first"
+        return self._loader(self.test_dataset)
+
+    def train_dataloader(self) -> DataLoader:
+        assert self.train_dataset is not None, "setup('fit') first"
+        return self._loader(self.train_dataset)

@@ -1,0 +1,191 @@
+"""PatchCoreModule: frozen backbones + faiss memory banks, evaluated one category at a time."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch import nn
+
+from .anomaly_map import segmentation_maps
+from .backbones import BackboneWeights, build_feature_extractor, load_backbone, original_bn_warmup
+from .embedding import embed
+from .memory_bank import MemoryBank, gpu_faiss_available, warn_gpu_unavailable
+from .metrics import METRIC_NAMES, PatchCoreEvaluation
+from .model_io import ModelFormatError, PatchCoreParams, find_members, read_params
+
+__all__ = ["Member", "PatchCoreModule"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Member:
+    """One PatchCore model of an ensemble: its parameters, backbone key and memory bank."""
+
+    params: PatchCoreParams
+    extractor_key: str
+    bank: MemoryBank
+
+
+class PatchCoreModule(L.LightningModule):
+    """PatchCore evaluation of saved models in the original's folder format.
+
+    Args:
+        model_paths: one model folder per category of ``data.categories``, or exactly one folder
+            used for every category. A folder holds ``patchcore_params.pkl`` and
+            ``nnscorer_search_index.faiss``, or ``Ensemble-<i>-<n>_`` prefixed files of n members.
+        backbone_weights: ``null`` for torchvision's ImageNet ``IMAGENET1K_V1`` weights from the
+            torch cache (``$TORCH_HOME/hub/checkpoints``); a path to a state_dict file; ``random``
+            for seeded random weights (demo and tests only); or a mapping from backbone name
+            (e.g. ``wideresnet101``) to one of these, for ensembles.
+        faiss_on_gpu: run the nearest-neighbour search on the GPU (needs a faiss GPU build; warns
+            and stays on the CPU otherwise).
+        save_segmentation_images: write ``segmentation_images/<dataset>/<anomaly>_<stem>.png``
+            (image | ground truth | heatmap, with the score) under ``results_dir``.
+        original_bn_warmup: replay the original's one train-mode forward pass of an all-ones
+            image, which shifts the BatchNorm running statistics of every backbone it builds (see
+            README). Models made by the original (and by our ``fit``) need it to give their numbers.
+    """
+
+    def __init__(
+        self,
+        model_paths: list[str] | None = None,
+        backbone_weights: BackboneWeights = None,
+        faiss_on_gpu: bool = False,
+        save_segmentation_images: bool = False,
+        original_bn_warmup: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.model_paths = list(model_paths) if model_paths else []
+        self.backbone_weights = backbone_weights
+        self.faiss_on_gpu = faiss_on_gpu
+        self.save_segmentation_images = save_segmentation_images
+        self.original_bn_warmup = original_bn_warmup
+        # Truncated backbones, shared across categories and ensemble members: "<name>:<layers>".
+        self.extractors = nn.ModuleDict()
+        self.weights_sha256: dict[str, str | None] = {}
+        self.members: list[Member] = []
+        self.model_path: str | None = None
+        self.category_index = 0
+        self.evaluation = PatchCoreEvaluation()
+        self.result: dict | None = None
+
+    # ----------------------------------------------------------------- category selection
+    def model_path_for(self, index: int, n_categories: int) -> str:
+        """The model folder of the ``index``-th of ``n_categories`` categories (the original's rule)."""
+        if len(self.model_paths) == 1:
+            return self.model_paths[0]
+        if len(self.model_paths) != n_categories:
+            raise ValueError(
+                f"model.model_paths has {len(self.model_paths)} entries for {n_categories} categories: "
+                f"give one folder per category, or exactly one for all"
+            )
+        return self.model_paths[index]
+
+    def select(self, index: int, n_categories: int) -> None:
+        """Evaluate the ``index``-th category next; its models are loaded in ``setup``."""
+        self.category_index = index
+        path = self.model_path_for(index, n_categories)
+        if path != self.model_path:
+            self.model_path, self.members = path, []
+
+    def _bank_device(self) -> torch.device:
+        root = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
+        if not self.faiss_on_gpu:
+            return torch.device("cpu")
+        if root.type == "cuda" and gpu_faiss_available():
+            return root
+        warn_gpu_unavailable()
+        return torch.device("cpu")
+
+    def _extractor(self, params: PatchCoreParams) -> str:
+        # One backbone per (name, layers, input shape): the warm-up pass depends on all three,
+        # and the original likewise builds a fresh backbone for every model it loads.
+        shape = "x".join(map(str, params.input_shape))
+        key = f"{params.backbone}:{'+'.join(params.layers)}:{shape}".replace(".", "_")
+        if key not in self.extractors:
+            model, digest = load_backbone(params.backbone, self.backbone_weights)
+            self.weights_sha256[params.backbone] = digest
+            try:
+                extractor = build_feature_extractor(model, params.layers)
+            except ValueError as err:
+                raise ModelFormatError(f"{self.model_path}: {err}") from None
+            if self.original_bn_warmup:
+                original_bn_warmup(extractor, params.input_shape)
+            self.extractors[key] = extractor.to(self.device)
+        return key
+
+    def load_members(self, folder: str, imagesize: int) -> list[Member]:
+        members = []
+        for files in find_members(folder):
+            params = read_params(files.params)
+            if tuple(params.input_shape[1:]) != (imagesize, imagesize):
+                raise ModelFormatError(
+                    f"{files.params}: the model was built for input_shape {params.input_shape}, "
+                    f"but data.imagesize is {imagesize}"
+                )
+            bank = MemoryBank.load(files.index, self._bank_device())
+            if bank.dim != params.target_embed_dimension or len(bank) == 0:
+                raise ModelFormatError(
+                    f"{files.index}: index holds {len(bank)} vectors of dimension {bank.dim}; expected a "
+                    f"non-empty bank of target_embed_dimension={params.target_embed_dimension}"
+                )
+            if params.anomaly_scorer_num_nn > len(bank):
+                raise ModelFormatError(
+                    f"{files.params}: anomaly_scorer_num_nn={params.anomaly_scorer_num_nn} exceeds the bank size {len(bank)}"
+                )
+            members.append(Member(params, self._extractor(params), bank))
+        return members
+
+    def setup(self, stage: str) -> None:
+        if stage != "test":
+            return
+        if self.model_path is None:
+            raise ValueError("model.model_paths is empty: give the model folder(s) to evaluate")
+        imagesize = self.trainer.datamodule.imagesize
+        if not self.members:
+            self.members = self.load_members(self.model_path, imagesize)
+        self.evaluation.reset()
+        self.result = None
+
+    # ----------------------------------------------------------------- the computation
+    def member_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Raw image scores (B, M) and segmentations (B, M, H, W) of every member."""
+        B, _, H, W = images.shape
+        scores, maps = [], []
+        for member in self.members:
+            p = member.params
+            layer_maps = self.extractors[member.extractor_key](images)  # {layer: (B, C, h, w)}
+            feats, (h, w) = embed(
+                [layer_maps[layer] for layer in p.layers],
+                p.patchsize,
+                p.patchstride,
+                p.pretrain_embed_dimension,
+                p.target_embed_dimension,
+            )  # (B*h*w, D)
+            patch = member.bank.patch_scores(feats, p.anomaly_scorer_num_nn).view(B, h, w)  # (B, h, w)
+            scores.append(patch.flatten(1).amax(dim=1))  # (B,)
+            maps.append(segmentation_maps(patch, (H, W)))  # (B, H, W)
+        return torch.stack(scores, dim=1), torch.stack(maps, dim=1)
+
+    def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        images, masks, labels, indices = batch
+        raw_scores, raw_maps = self.member_outputs(images.float())
+        self.evaluation.update(raw_scores, raw_maps, masks, labels, indices)
+
+    def on_test_epoch_end(self) -> None:
+        self.result = self.evaluation.compute()
+        name = self.trainer.datamodule.dataset_name
+        self.log_dict({f"test/{name}/{k}": self.result[k] for k in METRIC_NAMES}, rank_zero_only=True)
+
+    @property
+    def member_descriptions(self) -> list[str]:
+        return [f"{m.params.backbone}[{','.join(m.params.layers)}] bank {len(m.bank)}x{m.bank.dim}" for m in self.members]
+
+    def model_folder(self) -> Path | None:
+        return Path(self.model_path) if self.model_path else None

@@ -1,0 +1,100 @@
+"""What a run leaves behind: results.csv and segmentation images."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+__all__ = ["RESULTS_COLUMNS", "colorize", "overlay_strip", "read_results", "write_results", "write_segmentation_images"]
+
+RESULTS_COLUMNS = ("instance_auroc", "full_pixel_auroc", "full_pro", "anomaly_pixel_auroc", "anomaly_pro")
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_results(path: str | os.PathLike, rows: Mapping[str, Mapping[str, float]]) -> None:
+    """results.csv: a row per dataset in order, then their ``mean``; floats at full precision.
+
+    Written to a temporary file and renamed, so a reader never sees a half-written table.
+    """
+    lines = [["dataset_name", *RESULTS_COLUMNS]]
+    for name, metrics in rows.items():
+        lines.append([name, *(repr(float(metrics[c])) for c in RESULTS_COLUMNS)])
+    if rows:
+        means = [float(np.mean([float(m[c]) for m in rows.values()])) for c in RESULTS_COLUMNS]
+        lines.append(["mean", *(repr(v) for v in means)])
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(lines)
+    _atomic_write_text(Path(path), buffer.getvalue())
+
+
+def read_results(path: str | os.PathLike) -> dict[str, dict[str, float]]:
+    """results.csv back as {dataset_name: {metric: value}} (the mean row included)."""
+    with open(path, newline="") as handle:
+        return {row["dataset_name"]: {c: float(row[c]) for c in RESULTS_COLUMNS} for row in csv.DictReader(handle)}
+
+
+def colorize(values: torch.Tensor) -> torch.Tensor:
+    """A 'jet'-like colour map of values in [0, 1]: (H, W) → (H, W, 3) uint8."""
+    v = values.clamp(0, 1)
+    r = (1.5 - (4 * v - 3).abs()).clamp(0, 1)
+    g = (1.5 - (4 * v - 2).abs()).clamp(0, 1)
+    b = (1.5 - (4 * v - 1).abs()).clamp(0, 1)
+    return (torch.stack([r, g, b], dim=-1) * 255).round().to(torch.uint8)
+
+
+def overlay_strip(image: np.ndarray, mask: np.ndarray, heat: torch.Tensor, caption: str) -> Image.Image:
+    """image (H, W, 3) uint8 | ground truth (H, W) uint8 | heatmap over the image, with a caption."""
+    H, W = mask.shape
+    colours = colorize(heat.float().cpu()).numpy()
+    blend = (0.5 * image.astype(np.float32) + 0.5 * colours.astype(np.float32)).round().astype(np.uint8)
+    gt = np.repeat(mask[..., None], 3, axis=2)
+    band = 18
+    canvas = Image.new("RGB", (3 * W, H + band), "white")
+    for i, panel in enumerate((image, gt, blend)):
+        canvas.paste(Image.fromarray(panel), (i * W, band))
+    ImageDraw.Draw(canvas).text((4, 3), caption, fill="black")
+    return canvas
+
+
+def write_segmentation_images(
+    folder: str | os.PathLike,
+    samples: Sequence,
+    images: Sequence[np.ndarray],
+    masks: torch.Tensor,
+    maps: torch.Tensor,
+    scores: torch.Tensor,
+) -> list[Path]:
+    """One ``<anomaly>_<stem>.png`` per test image: image | ground truth | heatmap, and its score."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for sample, image, mask, heat, score in zip(samples, images, masks, maps, scores):
+        caption = f"{sample.anomaly}/{sample.image.name}  score {float(score):.4f}"
+        if math.isnan(float(score)):
+            caption = f"{sample.anomaly}/{sample.image.name}"
+        path = folder / f"{sample.name}.png"
+        overlay_strip(image, mask.cpu().numpy(), heat, caption).save(path)
+        written.append(path)
+    return written
