@@ -44,6 +44,7 @@ BACKBONES: dict[str, tuple[str, str]] = {
 # What `backbone_weights` may be in a config:
 #   None                     torchvision's IMAGENET1K_V1 (the original's pretrained=True), from TORCH_HOME
 #   "random"                 seeded random initialisation (demo and tests only; said loudly)
+#   "imagenet_or_random"     IMAGENET1K_V1 if already in the torch cache, else random (the offline demo)
 #   "<path>"                 a state_dict file, loaded with weights_only=True
 #   {backbone name: ...}     one of the above per backbone name, for ensembles of several backbones
 BackboneWeights = str | dict[str, str | None] | None
@@ -77,6 +78,12 @@ def _weights_for(name: str, weights: BackboneWeights) -> str | None:
     return weights
 
 
+def _imagenet_cache_file(name: str) -> Path:
+    """Where torch.hub keeps torchvision's IMAGENET1K_V1 file of ``name``: $TORCH_HOME/hub/checkpoints/."""
+    url = getattr(torchvision.models, BACKBONES[name][1]).IMAGENET1K_V1.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
 def resolve_weights_path(name: str, weights: BackboneWeights) -> str | None:
     """The local file the weights of backbone ``name`` come from; None for random weights.
 
@@ -87,14 +94,19 @@ def resolve_weights_path(name: str, weights: BackboneWeights) -> str | None:
     choice = _weights_for(name, weights)
     if choice == "random":
         return None
+    if choice == "imagenet_or_random":
+        cached = _imagenet_cache_file(name)
+        if cached.is_file():
+            return str(cached)
+        log.warning("no ImageNet weights for %s at %s: falling back to random weights", name, cached)
+        return None
     if choice is not None:
         path = Path(choice).expanduser()
         if not path.is_file():
             raise WeightsError(f"backbone weights file for {name!r} not found: {path}")
         return str(path)
-    enum = getattr(torchvision.models, BACKBONES[name][1]).IMAGENET1K_V1
-    url = enum.url
-    cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    url = getattr(torchvision.models, BACKBONES[name][1]).IMAGENET1K_V1.url
+    cache = _imagenet_cache_file(name)
     if not cache.is_file():
         try:
             torch.hub.load_state_dict_from_url(url, progress=False, map_location="cpu")
@@ -119,8 +131,7 @@ def load_backbone(name: str, weights: BackboneWeights = None, seed: int = 0) -> 
     if path is None:
         # Seeded so that two runs (and two DDP ranks) build the same random network.
         log.warning(
-            "backbone %s uses RANDOM weights (backbone_weights: random): scores are NOT those of an "
-            "ImageNet-pretrained PatchCore",
+            "!!! backbone %s uses RANDOM weights: scores are NOT those of an ImageNet-pretrained PatchCore !!!",
             name,
         )
         with torch.random.fork_rng(devices=[]):

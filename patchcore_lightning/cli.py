@@ -82,6 +82,34 @@ class PatchCoreCLI(LightningCLI):
             extra.append(CategoryProgressBar())
         return self._instantiate_trainer(trainer_config, extra)
 
+    def fit(
+        self,
+        model: PatchCoreModule,
+        datamodule: MVTecDataModule,
+        ckpt_path: str | None = None,
+        weights_only: bool | None = None,
+    ) -> list[Path]:
+        """Build every category's memory bank(s) from train/good; write the original's model folders."""
+        if ckpt_path is not None:
+            raise ValueError("ckpt_path is not used: fit builds memory banks from the training images")
+        device = self.trainer.strategy.root_device
+        seed = self._get(self.config[self.subcommand], "seed_everything")
+        seed = 0 if seed is None or seed is True else int(seed)
+        if self.trainer.is_global_zero:
+            datamodule.prepare_data()
+        folders = []
+        for i, category in enumerate(datamodule.categories):
+            datamodule.select(category)
+            datamodule.setup("fit")
+            log.info("Building memory bank for [%s] (%d/%d)...", datamodule.dataset_name, i + 1, len(datamodule.categories))
+            members = model.build_members(datamodule.train_dataloader(), datamodule.imagesize, seed, device)
+            folder = self.results_dir / "models" / datamodule.dataset_name
+            if self.trainer.is_global_zero:
+                model.save_members(folder, members, len(datamodule.train_dataset))
+                log.info("model written to %s", folder)
+            folders.append(folder)
+        return folders
+
     def test(
         self,
         model: PatchCoreModule,
@@ -93,6 +121,11 @@ class PatchCoreCLI(LightningCLI):
         """Evaluate every category of ``data.categories`` with its model; write results.csv after each."""
         if ckpt_path is not None:
             raise ValueError("ckpt_path is not used: PatchCore models are folders given in model.model_paths")
+        if not model.model_paths:
+            log.info("model.model_paths is empty: building the memory banks from the train split first")
+            model.model_paths = [str(f) for f in self.fit(model, datamodule)]
+        else:
+            datamodule.prepare_data()
         categories = datamodule.categories
         n = len(categories)
         for i in range(n):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import platform
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import lightning as L
 import torch
@@ -15,7 +18,16 @@ from .backbones import BackboneWeights, build_feature_extractor, load_backbone, 
 from .embedding import embed
 from .memory_bank import MemoryBank, gpu_faiss_available, warn_gpu_unavailable
 from .metrics import METRIC_NAMES, PatchCoreEvaluation
-from .model_io import ModelFormatError, PatchCoreParams, find_members, read_params
+from .model_io import (
+    INDEX_FILE,
+    PARAMS_FILE,
+    SIDECAR_FILE,
+    ModelFormatError,
+    PatchCoreParams,
+    find_members,
+    read_params,
+    write_params,
+)
 
 __all__ = ["Member", "PatchCoreModule"]
 
@@ -49,6 +61,15 @@ class PatchCoreModule(L.LightningModule):
         original_bn_warmup: replay the original's one train-mode forward pass of an all-ones
             image, which shifts the BatchNorm running statistics of every backbone it builds (see
             README). Models made by the original (and by our ``fit``) need it to give their numbers.
+        backbones: for ``fit`` (and ``test`` without model_paths): one ensemble member per backbone.
+        layers: layers to extract (dotted module paths), for every backbone, or a mapping from
+            backbone name to its layers (e.g. densenet201: [features.denseblock2, features.denseblock3]).
+        pretrain_embed_dimension: per-layer feature size after the first adaptive average pooling.
+        target_embed_dimension: final patch feature size (the memory bank's dimension).
+        patchsize: side of the neighbourhood aggregated around every feature position.
+        anomaly_scorer_num_nn: nearest bank vectors whose squared distances are averaged.
+        sampler: memory bank subsampling of the training patch features.
+        percentage: fraction of the training patch features kept by the sampler, in (0, 1].
     """
 
     def __init__(
@@ -58,6 +79,14 @@ class PatchCoreModule(L.LightningModule):
         faiss_on_gpu: bool = False,
         save_segmentation_images: bool = False,
         original_bn_warmup: bool = True,
+        backbones: list[str] = ["wideresnet50"],  # noqa: B006  (read-only; the CLI needs a literal)
+        layers: list[str] | dict[str, list[str]] = ["layer2", "layer3"],  # noqa: B006
+        pretrain_embed_dimension: int = 1024,
+        target_embed_dimension: int = 1024,
+        patchsize: int = 3,
+        anomaly_scorer_num_nn: int = 1,
+        sampler: Literal["approx_greedy_coreset", "greedy_coreset", "random", "identity"] = "approx_greedy_coreset",
+        percentage: float = 0.1,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -66,6 +95,29 @@ class PatchCoreModule(L.LightningModule):
         self.faiss_on_gpu = faiss_on_gpu
         self.save_segmentation_images = save_segmentation_images
         self.original_bn_warmup = original_bn_warmup
+        if not backbones:
+            raise ValueError("model.backbones is empty: name at least one backbone")
+        if isinstance(layers, dict):
+            missing = [b for b in backbones if b not in layers]
+            if missing:
+                raise ValueError(f"model.layers has no entry for backbones {missing} (it has {sorted(layers)})")
+        if not 0 < percentage <= 1:
+            raise ValueError(f"model.percentage must be in (0, 1], got {percentage}")
+        for key, value in (("pretrain_embed_dimension", pretrain_embed_dimension),
+                           ("target_embed_dimension", target_embed_dimension),
+                           ("patchsize", patchsize), ("anomaly_scorer_num_nn", anomaly_scorer_num_nn)):
+            if value < 1:
+                raise ValueError(f"model.{key} must be >= 1, got {value}")
+        self.backbones = list(backbones)
+        self.layers = layers
+        self.fit_options = dict(
+            pretrain_embed_dimension=pretrain_embed_dimension,
+            target_embed_dimension=target_embed_dimension,
+            patchsize=patchsize,
+            anomaly_scorer_num_nn=anomaly_scorer_num_nn,
+        )
+        self.sampler = sampler
+        self.percentage = percentage
         # Truncated backbones, shared across categories and ensemble members: "<name>:<layers>".
         self.extractors = nn.ModuleDict()
         self.weights_sha256: dict[str, str | None] = {}
@@ -152,6 +204,76 @@ class PatchCoreModule(L.LightningModule):
             self.members = self.load_members(self.model_path, imagesize)
         self.evaluation.reset()
         self.result = None
+
+    # ----------------------------------------------------------------- building memory banks
+    def member_params(self, imagesize: int) -> list[PatchCoreParams]:
+        """The parameters of every member ``fit`` builds, in the original's terms."""
+        out = []
+        for name in self.backbones:
+            layers = self.layers[name] if isinstance(self.layers, dict) else self.layers
+            out.append(PatchCoreParams(name, tuple(layers), (3, imagesize, imagesize), patchstride=1, **self.fit_options))
+        return out
+
+    @torch.no_grad()
+    def build_members(self, loader, imagesize: int, seed: int, device: torch.device) -> list[Member]:
+        """Embed every training image with every member's backbone, subsample, build the banks."""
+        from .coreset import subsample  # only fit needs it
+
+        members = []
+        for params in self.member_params(imagesize):
+            key = self._extractor(params)
+            extractor = self.extractors[key].to(device)
+            feats = []
+            for images, *_ in loader:
+                layer_maps = extractor(images.to(device).float())
+                f, _ = embed(
+                    [layer_maps[layer] for layer in params.layers],
+                    params.patchsize,
+                    params.patchstride,
+                    params.pretrain_embed_dimension,
+                    params.target_embed_dimension,
+                )
+                feats.append(f.cpu())
+            features = torch.cat(feats)  # (N_train * h * w, D)
+            generator = torch.Generator(device=features.device).manual_seed(seed)
+            keep = subsample(features, self.sampler, self.percentage, generator)
+            log.info(
+                "%s: kept %d of %d patch features (%s, %.4g)",
+                params.backbone, len(keep), len(features), self.sampler, self.percentage,
+            )
+            members.append(Member(params, key, MemoryBank.from_features(features[keep], self._bank_device())))
+        return members
+
+    def save_members(self, folder: str | Path, members: list[Member], n_train_images: int) -> Path:
+        """Write ``members`` in the original's folder format, plus our JSON sidecar."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        n = len(members)
+        for i, member in enumerate(members, start=1):
+            prefix = "" if n == 1 else f"Ensemble-{i}-{n}_"
+            write_params(folder / f"{prefix}{PARAMS_FILE}", member.params)
+            member.bank.save(folder / f"{prefix}{INDEX_FILE}")
+        import faiss
+        import torchvision
+
+        sidecar = {
+            "weights_sha256": {m.params.backbone: self.weights_sha256.get(m.params.backbone) for m in members},
+            "backbone_weights": self.backbone_weights,
+            "original_bn_warmup": self.original_bn_warmup,
+            "sampler": self.sampler,
+            "percentage": self.percentage,
+            "n_train_images": n_train_images,
+            "bank_sizes": [len(m.bank) for m in members],
+            "versions": {
+                "python": platform.python_version(),
+                "torch": torch.__version__,
+                "torchvision": torchvision.__version__,
+                "faiss": faiss.__version__,
+                "lightning": L.__version__,
+            },
+        }
+        (folder / SIDECAR_FILE).write_text(json.dumps(sidecar, indent=2) + "\n")
+        return folder
 
     # ----------------------------------------------------------------- the computation
     def member_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

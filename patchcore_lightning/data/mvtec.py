@@ -142,6 +142,8 @@ class MVTecDataModule(L.LightningDataModule):
         imagesize: side of the square center crop fed to the backbone.
         batch_size: images per batch.
         num_workers: data loading processes (0 loads in the main process).
+        synthetic: generate the demo's synthetic categories under ``root`` where they are missing
+            (``patchcore_lightning.data.synthetic``; categories weave, grain, tiles).
     """
 
     def __init__(
@@ -152,6 +154,7 @@ class MVTecDataModule(L.LightningDataModule):
         imagesize: int = 224,
         batch_size: int = 2,
         num_workers: int = 4,
+        synthetic: bool = False,
     ) -> None:
         super().__init__()
         if not categories:
@@ -168,6 +171,7 @@ class MVTecDataModule(L.LightningDataModule):
         self.imagesize = imagesize
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.synthetic = synthetic
         self.category = self.categories[0]
         self.test_dataset: MVTecDataset | None = None
         self.train_dataset: MVTecDataset | None = None
@@ -185,6 +189,12 @@ class MVTecDataModule(L.LightningDataModule):
 
     def dataset(self, split: str) -> MVTecDataset:
         return MVTecDataset(list_samples(self.root, self.category, split), self.resize, self.imagesize)
+
+    def prepare_data(self) -> None:
+        if self.synthetic:
+            from .synthetic import make_synthetic_mvtec
+
+            make_synthetic_mvtec(self.root, tuple(self.categories))
 
     def setup(self, stage: str) -> None:
         if stage in ("test", "validate") and self.test_dataset is None:

@@ -1,0 +1,48 @@
+"""Segmentation maps against scipy's gaussian_filter and a direct bilinear upsampling."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from patchcore_lightning.anomaly_map import gaussian_blur, gaussian_kernel1d, minmax_normalise, segmentation_maps
+
+
+@pytest.mark.parametrize("shape", [(2, 64, 64), (1, 224, 224), (3, 20, 37), (1, 9, 5)])
+@pytest.mark.parametrize("sigma", [4.0, 1.5])
+def test_blur_equals_scipy_gaussian_filter(shape, sigma):
+    maps = torch.rand(shape, generator=torch.Generator().manual_seed(sum(shape))) * 50
+    ours = gaussian_blur(maps, sigma).numpy()
+    for i in range(shape[0]):
+        expected = ndimage.gaussian_filter(maps[i].numpy().astype(np.float64), sigma=sigma, truncate=4.0, mode="reflect")
+        np.testing.assert_allclose(ours[i], expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+
+
+def test_kernel_matches_scipy_radius_and_weights():
+    kernel = gaussian_kernel1d(4.0)
+    assert len(kernel) == 33  # radius int(4 * 4 + 0.5) = 16
+    impulse = np.zeros(101)
+    impulse[50] = 1
+    np.testing.assert_allclose(kernel.numpy(), ndimage.gaussian_filter1d(impulse, 4.0)[34:67], atol=1e-15)
+
+
+def test_segmentation_upsamples_bilinearly_then_blurs():
+    patch = torch.rand(2, 7, 7, generator=torch.Generator().manual_seed(0))
+    ours = segmentation_maps(patch, (56, 56)).numpy()
+    up = F.interpolate(patch[:, None].double(), size=(56, 56), mode="bilinear", align_corners=False)[:, 0].numpy()
+    for i in range(2):
+        np.testing.assert_allclose(ours[i], ndimage.gaussian_filter(up[i], sigma=4), rtol=1e-5)
+
+
+def test_minmax_normalise_per_member_and_constant_member():
+    x = torch.tensor([[1.0, 3.0, 5.0], [2.0, 2.0, 2.0]])
+    out = minmax_normalise(x)
+    assert out.tolist() == [[0.0, 0.5, 1.0], [0.0, 0.0, 0.0]]
+    maps = torch.rand(2, 3, 4, 4) * 100 + 7
+    norm = minmax_normalise(maps)
+    for m in range(2):
+        expected = (maps[m] - maps[m].min()) / (maps[m].max() - maps[m].min())
+        torch.testing.assert_close(norm[m], expected)

@@ -1,0 +1,76 @@
+"""MVTec loading: order, mask pairing and values, errors that name the file."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from patchcore_lightning.data.mvtec import DataError, MVTecDataModule, MVTecDataset, list_samples
+from patchcore_lightning.data.synthetic import make_synthetic_mvtec
+
+from .conftest import make_mvtec_tree
+
+
+def test_order_labels_and_masks(mvtec_root):
+    samples = list_samples(mvtec_root, "alpha")
+    assert [f"{s.anomaly}/{s.image.name}" for s in samples] == [
+        "crack/000.png", "crack/001.png", "good/000.png", "good/001.png", "good/002.png", "stain/000.png", "stain/001.png",
+    ]
+    assert [s.label for s in samples] == [1, 1, 0, 0, 0, 1, 1]
+    assert samples[0].mask.name == "000_mask.png" and samples[2].mask is None
+    dataset = MVTecDataset(samples, resize=72, imagesize=64)
+    image, mask, label, index = dataset[1]
+    assert image.shape == (3, 64, 64) and mask.shape == (64, 64) and mask.dtype == torch.uint8
+    # the mask is the original's float mask times 255, exactly
+    t = transforms.Compose([transforms.Resize(72), transforms.CenterCrop(64), transforms.ToTensor()])
+    original = t(Image.open(samples[1].mask))[0]
+    np.testing.assert_allclose(mask.numpy() / 255.0, original.numpy(), atol=1e-7)
+    assert ((mask > 0) & (mask < 255)).any(), "resizing makes soft edges the metrics must not count"
+    assert dataset[3][1].sum() == 0 and (label, index) == (1, 1)
+
+
+def test_errors_name_what_is_wrong(tmp_path):
+    root = make_mvtec_tree(tmp_path / "d", categories=("c",), size=32, n_train=1, n_good=1, n_per_defect=1)
+    with pytest.raises(DataError, match="data root not found"):
+        list_samples(tmp_path / "missing", "c")
+    with pytest.raises(DataError, match=r"category folder not found: .*zz \(categories in .*\['c'\]\)"):
+        list_samples(root, "zz")
+    (root / "c" / "ground_truth" / "crack" / "000_mask.png").unlink()
+    with pytest.raises(DataError, match=r"no ground-truth mask for test/crack/000.png"):
+        list_samples(root, "c")
+    shutil.rmtree(root / "c" / "test")
+    with pytest.raises(DataError, match="no test/ folder"):
+        list_samples(root, "c")
+
+
+def test_unreadable_image_and_mask_size_mismatch(tmp_path):
+    root = make_mvtec_tree(tmp_path / "d", categories=("c",), size=32, n_train=1, n_good=1, n_per_defect=1)
+    samples = list_samples(root, "c")
+    dataset = MVTecDataset(samples, 32, 32)
+    Image.new("L", (16, 16)).save(samples[0].mask)
+    with pytest.raises(DataError, match=r"mask .*000_mask.png is 16x16, its image .*000.png 32x32"):
+        dataset[0]
+    data = samples[1].image.read_bytes()
+    samples[1].image.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"cannot read image .*good/000.png: .*truncated"):
+        dataset[1]
+
+
+def test_datamodule_validates_and_generates_synthetic_data(tmp_path):
+    with pytest.raises(ValueError, match="lists a category twice"):
+        MVTecDataModule(categories=["a", "a"])
+    with pytest.raises(ValueError, match="resize=100, imagesize=128"):
+        MVTecDataModule(resize=100, imagesize=128)
+    dm = MVTecDataModule(root=str(tmp_path / "syn"), categories=["tiles"], resize=40, imagesize=32, synthetic=True)
+    dm.prepare_data()
+    dm.setup("test")
+    assert dm.dataset_name == "mvtec_tiles" and len(dm.test_dataset) == 6 + 3 * 3
+    first = (tmp_path / "syn" / "tiles" / "test" / "hole" / "000.png").read_bytes()
+    shutil.rmtree(tmp_path / "syn")
+    make_synthetic_mvtec(tmp_path / "syn", ("tiles",))
+    assert (tmp_path / "syn" / "tiles" / "test" / "hole" / "000.png").read_bytes() == first  # deterministic
