@@ -149,6 +149,9 @@ class PatchCoreCLI(LightningCLI):
         if self.trainer.is_global_zero and verbose:
             _print_table(rows)
             print(f"results written to {results_dir / 'results.csv'}")
+            random = sorted(name for name, digest in model.weights_sha256.items() if digest is None)
+            if random:
+                print(f"WARNING: {', '.join(random)} ran with RANDOM weights: these are not ImageNet PatchCore numbers")
         return rows
 
     @staticmethod
