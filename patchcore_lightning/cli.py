@@ -16,7 +16,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from .backbones import WeightsError
 from .data.mvtec import DataError, MVTecDataModule
 from .metrics import METRIC_NAMES
-from .model_io import ModelFormatError
+from .model_io import SIDECAR_FILE, ModelFormatError
 from .module import PatchCoreModule
 from .reporting import write_results, write_segmentation_images
 
@@ -88,20 +88,26 @@ class PatchCoreCLI(LightningCLI):
         datamodule: MVTecDataModule,
         ckpt_path: str | None = None,
         weights_only: bool | None = None,
+        categories: list[str] | None = None,
     ) -> list[Path]:
-        """Build every category's memory bank(s) from train/good; write the original's model folders."""
+        """Build every category's memory bank(s) from train/good; write the original's model folders.
+
+        ``categories`` restricts the work to some of ``data.categories`` (used by ``test``).
+        """
         if ckpt_path is not None:
             raise ValueError("ckpt_path is not used: fit builds memory banks from the training images")
+        model.setup("fit")  # numeric settings (TF32) before any backbone runs
         device = self.trainer.strategy.root_device
         seed = self._get(self.config[self.subcommand], "seed_everything")
         seed = 0 if seed is None or seed is True else int(seed)
         if self.trainer.is_global_zero:
             datamodule.prepare_data()
         folders = []
-        for i, category in enumerate(datamodule.categories):
+        todo = categories if categories is not None else datamodule.categories
+        for i, category in enumerate(todo):
             datamodule.select(category)
             datamodule.setup("fit")
-            log.info("Building memory bank for [%s] (%d/%d)...", datamodule.dataset_name, i + 1, len(datamodule.categories))
+            log.info("Building memory bank for [%s] (%d/%d)...", datamodule.dataset_name, i + 1, len(todo))
             members = model.build_members(datamodule.train_dataloader(), datamodule.imagesize, seed, device)
             folder = self.results_dir / "models" / datamodule.dataset_name
             if self.trainer.is_global_zero:
@@ -122,8 +128,7 @@ class PatchCoreCLI(LightningCLI):
         if ckpt_path is not None:
             raise ValueError("ckpt_path is not used: PatchCore models are folders given in model.model_paths")
         if not model.model_paths:
-            log.info("model.model_paths is empty: building the memory banks from the train split first")
-            model.model_paths = [str(f) for f in self.fit(model, datamodule)]
+            model.model_paths = self._fitted_model_paths(model, datamodule)
         else:
             datamodule.prepare_data()
         categories = datamodule.categories
@@ -153,6 +158,18 @@ class PatchCoreCLI(LightningCLI):
             if random:
                 print(f"WARNING: {', '.join(random)} ran with RANDOM weights: these are not ImageNet PatchCore numbers")
         return rows
+
+    def _fitted_model_paths(self, model: PatchCoreModule, datamodule: MVTecDataModule) -> list[str]:
+        """``<results_dir>/models/mvtec_<category>`` for every category; built first where missing."""
+        folders = {c: self.results_dir / "models" / f"mvtec_{c}" for c in datamodule.categories}
+        missing = [c for c, folder in folders.items() if not (folder / SIDECAR_FILE).is_file()]
+        present = [str(folders[c]) for c in datamodule.categories if c not in missing]
+        if present:
+            log.info("model.model_paths is empty: evaluating the models fit wrote in %s", ", ".join(present))
+        if missing:
+            log.info("model.model_paths is empty: building the memory banks of %s from the train split", missing)
+            self.fit(model, datamodule, categories=missing)
+        return [str(folders[c]) for c in datamodule.categories]
 
     @staticmethod
     def _save_segmentation_images(datamodule: MVTecDataModule, result: dict, folder: Path) -> None:

@@ -7,7 +7,6 @@ import logging
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
 
 import lightning as L
 import torch
@@ -15,6 +14,7 @@ from torch import nn
 
 from .anomaly_map import segmentation_maps
 from .backbones import BackboneWeights, build_feature_extractor, load_backbone, original_bn_warmup
+from .coreset import SamplerName, subsample
 from .embedding import embed
 from .memory_bank import MemoryBank, gpu_faiss_available, warn_gpu_unavailable
 from .metrics import METRIC_NAMES, PatchCoreEvaluation
@@ -58,6 +58,8 @@ class PatchCoreModule(L.LightningModule):
             and stays on the CPU otherwise).
         save_segmentation_images: write ``segmentation_images/<dataset>/<anomaly>_<stem>.png``
             (image | ground truth | heatmap, with the score) under ``results_dir``.
+        allow_tf32: let cuDNN and cuBLAS use TF32 on Ampere and newer GPUs (faster, but metrics
+            drift by ~1e-4 from fp32); off by default so that a GPU gives the CPU's numbers.
         original_bn_warmup: replay the original's one train-mode forward pass of an all-ones
             image, which shifts the BatchNorm running statistics of every backbone it builds (see
             README). Models made by the original (and by our ``fit``) need it to give their numbers.
@@ -78,6 +80,7 @@ class PatchCoreModule(L.LightningModule):
         backbone_weights: BackboneWeights = None,
         faiss_on_gpu: bool = False,
         save_segmentation_images: bool = False,
+        allow_tf32: bool = False,
         original_bn_warmup: bool = True,
         backbones: list[str] = ["wideresnet50"],  # noqa: B006  (read-only; the CLI needs a literal)
         layers: list[str] | dict[str, list[str]] = ["layer2", "layer3"],  # noqa: B006
@@ -85,7 +88,7 @@ class PatchCoreModule(L.LightningModule):
         target_embed_dimension: int = 1024,
         patchsize: int = 3,
         anomaly_scorer_num_nn: int = 1,
-        sampler: Literal["approx_greedy_coreset", "greedy_coreset", "random", "identity"] = "approx_greedy_coreset",
+        sampler: SamplerName = "approx_greedy_coreset",
         percentage: float = 0.1,
     ) -> None:
         super().__init__()
@@ -95,6 +98,7 @@ class PatchCoreModule(L.LightningModule):
         self.faiss_on_gpu = faiss_on_gpu
         self.save_segmentation_images = save_segmentation_images
         self.original_bn_warmup = original_bn_warmup
+        self.allow_tf32 = allow_tf32
         if not backbones:
             raise ValueError("model.backbones is empty: name at least one backbone")
         if isinstance(layers, dict):
@@ -195,6 +199,9 @@ class PatchCoreModule(L.LightningModule):
         return members
 
     def setup(self, stage: str) -> None:
+        # PyTorch lets cuDNN convolutions use TF32 by default; PatchCore's numbers are fp32 numbers.
+        torch.backends.cudnn.allow_tf32 = self.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
         if stage != "test":
             return
         if self.model_path is None:
@@ -217,8 +224,6 @@ class PatchCoreModule(L.LightningModule):
     @torch.no_grad()
     def build_members(self, loader, imagesize: int, seed: int, device: torch.device) -> list[Member]:
         """Embed every training image with every member's backbone, subsample, build the banks."""
-        from .coreset import subsample  # only fit needs it
-
         members = []
         for params in self.member_params(imagesize):
             key = self._extractor(params)
