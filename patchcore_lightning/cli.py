@@ -12,13 +12,15 @@ import lightning as L
 import numpy as np
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchmetrics.functional.classification import binary_roc
 
 from .backbones import WeightsError
 from .data.mvtec import DataError, MVTecDataModule
 from .metrics import METRIC_NAMES
 from .model_io import SIDECAR_FILE, ModelFormatError
 from .module import PatchCoreModule
-from .reporting import write_results, write_segmentation_images
+from .reporting import overlay_strip, review_grid, roc_image, write_results, write_segmentation_images
 
 __all__ = ["CategoryProgressBar", "PatchCoreCLI", "main"]
 
@@ -26,6 +28,7 @@ log = logging.getLogger("patchcore_lightning")
 
 TRAINER_DEFAULTS: dict[str, Any] = {
     "devices": 1,
+    "use_distributed_sampler": False,  # MVTecDataModule shards without repeating images
     "enable_checkpointing": False,
     "enable_model_summary": False,
     "inference_mode": True,
@@ -141,16 +144,24 @@ class PatchCoreCLI(LightningCLI):
             datamodule.select(category)
             model.select(i, n)
             name = datamodule.dataset_name
-            log.info("Evaluating dataset [%s] (%d/%d)...", name, i + 1, n)
+            if self.trainer.is_global_zero:
+                log.info("Evaluating dataset [%s] (%d/%d)...", name, i + 1, n)
             self.trainer.test(model, datamodule=datamodule, verbose=False)
-            result = model.result
+            result = model.finish_category()
             rows[name] = {k: result[k] for k in METRIC_NAMES}
+            if not self.trainer.is_global_zero:
+                continue  # every file and log below is rank 0's
+            for logger in self.trainer.loggers:
+                logger.log_metrics({f"test/{name}/{k}": v for k, v in rows[name].items()}, step=i)
             for k in METRIC_NAMES:
                 log.info("%s: %.3f", k, rows[name][k])
-            if self.trainer.is_global_zero:
-                write_results(results_dir / "results.csv", rows)
-                if model.save_segmentation_images:
-                    self._save_segmentation_images(datamodule, result, results_dir / "segmentation_images" / name)
+            write_results(results_dir / "results.csv", rows)
+            if model.save_segmentation_images:
+                self._save_segmentation_images(datamodule, result, results_dir / "segmentation_images" / name)
+            if self._tensorboard is not None:
+                self._log_category(datamodule, result, i)
+        if self.trainer.is_global_zero and self._tensorboard is not None:
+            self._log_run(model, datamodule, rows)
         if self.trainer.is_global_zero and verbose:
             _print_table(rows)
             print(f"results written to {results_dir / 'results.csv'}")
@@ -158,6 +169,72 @@ class PatchCoreCLI(LightningCLI):
             if random:
                 print(f"WARNING: {', '.join(random)} ran with RANDOM weights: these are not ImageNet PatchCore numbers")
         return rows
+
+    @property
+    def _tensorboard(self):
+        """The TensorBoard SummaryWriter of the trainer's logger, if it has one."""
+        for logger in self.trainer.loggers:
+            if isinstance(logger, TensorBoardLogger):
+                return logger.experiment
+        return None
+
+    def _log_category(self, datamodule: MVTecDataModule, result: dict, step: int, per_kind: int = 4) -> None:
+        """The cases to look at first (highest-scored normal, lowest-scored anomalous images) and ROCs."""
+        writer, name = self._tensorboard, datamodule.dataset_name
+        scores, labels = result["scores"].cpu(), result["labels"].cpu()
+        normal, anomalous = (labels == 0).nonzero().flatten(), (labels == 1).nonzero().flatten()
+        picks = [
+            *normal[scores[normal].argsort(descending=True)[:per_kind]].tolist(),
+            *anomalous[scores[anomalous].argsort()[:per_kind]].tolist(),
+        ]
+        if picks:
+            dataset = datamodule.test_dataset
+            strips = []
+            for k in picks:
+                sample = dataset.samples[int(result["indices"][k])]
+                caption = f"{sample.anomaly}/{sample.image.name}  score {float(scores[k]):.4f}"
+                strips.append(
+                    overlay_strip(_display_image(dataset, sample), result["masks"][k].cpu().numpy(), result["maps"][k], caption)
+                )
+            writer.add_image(f"{name}/hardest_cases", review_grid(strips), step, dataformats="CHW")
+        curves = {}
+        if len(normal) and len(anomalous):
+            curves[f"image (AUROC {result['instance_auroc']:.4f})"] = binary_roc(scores.double(), labels)[:2]
+        gt = (result["masks"] == 255).flatten().cpu()
+        if bool(gt.any()) and not bool(gt.all()):
+            maps = result["maps"].flatten().cpu()
+            curves[f"pixel (AUROC {result['full_pixel_auroc']:.4f})"] = binary_roc(maps.double(), gt.long())[:2]
+            writer.add_pr_curve(f"{name}/pixel_pr", gt.long(), maps.clamp(0, 1), step, num_thresholds=201)
+        if curves:
+            writer.add_image(f"{name}/roc", roc_image(curves), step, dataformats="CHW")
+
+    def _log_run(self, model: PatchCoreModule, datamodule: MVTecDataModule, rows: dict[str, dict[str, float]]) -> None:
+        """``test/mean/<metric>`` scalars and the resolved configuration as hparams."""
+        writer = self._tensorboard
+        means = {k: float(np.mean([r[k] for r in rows.values()])) for k in METRIC_NAMES}
+        for k, v in means.items():
+            writer.add_scalar(f"test/mean/{k}", v, len(rows))
+        hparams = {
+            "results_dir": str(self.results_dir),
+            "data.root": str(datamodule.root),
+            "data.categories": ",".join(datamodule.categories),
+            "data.resize": datamodule.resize,
+            "data.imagesize": datamodule.imagesize,
+            "model.model_paths": ",".join(model.model_paths),
+            "model.backbone_weights": str(model.backbone_weights),
+            "members": "; ".join(model.member_descriptions),
+        }
+        for i, member in enumerate(model.members, start=1):
+            p = member.params
+            hparams.update({
+                f"member{i}.backbone": p.backbone,
+                f"member{i}.layers": ",".join(p.layers),
+                f"member{i}.dimensions": f"{p.pretrain_embed_dimension}/{p.target_embed_dimension}",
+                f"member{i}.patchsize": p.patchsize,
+                f"member{i}.anomaly_scorer_num_nn": p.anomaly_scorer_num_nn,
+            })
+        writer.add_hparams(hparams, {f"hparam/mean/{k}": v for k, v in means.items()}, run_name=".")
+        writer.flush()
 
     def _fitted_model_paths(self, model: PatchCoreModule, datamodule: MVTecDataModule) -> list[str]:
         """``<results_dir>/models/mvtec_<category>`` for every category; built first where missing."""

@@ -130,6 +130,8 @@ class PatchCoreModule(L.LightningModule):
         self.category_index = 0
         self.evaluation = PatchCoreEvaluation()
         self.result: dict | None = None
+        # Under DDP a rank may get no image of a small category; it still joins the metric gather.
+        self.allow_zero_length_dataloader_with_multiple_devices = True
 
     # ----------------------------------------------------------------- category selection
     def model_path_for(self, index: int, n_categories: int) -> str:
@@ -305,10 +307,28 @@ class PatchCoreModule(L.LightningModule):
         raw_scores, raw_maps = self.member_outputs(images.float())
         self.evaluation.update(raw_scores, raw_maps, masks, labels, indices)
 
-    def on_test_epoch_end(self) -> None:
+    @torch.no_grad()
+    def finish_category(self) -> dict:
+        """Gather the category's states from every rank and compute its metrics (call on all ranks).
+
+        Called after ``trainer.test`` rather than in a test hook: Lightning skips the hooks of a
+        rank whose shard is empty, and every rank must join the gather.
+        """
+        device = self.trainer.strategy.root_device
+        self.evaluation.to(device)  # Lightning's teardown moved the module to the CPU
+        if self.evaluation.update_count == 0:
+            # A rank with no image (fewer images than ranks) joins with empty states of the right shapes.
+            S, M = self.trainer.datamodule.imagesize, len(self.members)
+            empty = torch.empty(0, dtype=torch.long, device=device)
+            self.evaluation.update(
+                torch.empty(0, M, device=device),
+                torch.empty(0, M, S, S, device=device),
+                torch.empty(0, S, S, dtype=torch.uint8, device=device),
+                empty,
+                empty,
+            )
         self.result = self.evaluation.compute()
-        name = self.trainer.datamodule.dataset_name
-        self.log_dict({f"test/{name}/{k}": self.result[k] for k in METRIC_NAMES}, rank_zero_only=True)
+        return self.result
 
     @property
     def member_descriptions(self) -> list[str]:

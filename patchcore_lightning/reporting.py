@@ -98,3 +98,35 @@ def write_segmentation_images(
         overlay_strip(image, mask.cpu().numpy(), heat, caption).save(path)
         written.append(path)
     return written
+
+
+def roc_image(curves: Mapping[str, tuple[torch.Tensor, torch.Tensor]], size: int = 320) -> np.ndarray:
+    """ROC curves drawn on a white canvas (FPR right, TPR up), one colour each. → (3, H, W) uint8"""
+    margin = 28
+    canvas = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(canvas)
+    span = size - 2 * margin
+    draw.rectangle([margin, margin, size - margin, size - margin], outline="black")
+    draw.line([(margin, size - margin), (size - margin, margin)], fill=(180, 180, 180))
+    colours = [(200, 30, 30), (30, 80, 200), (20, 150, 60)]
+    for k, (label, (fpr, tpr)) in enumerate(curves.items()):
+        if len(fpr) > 2000:  # enough vertices for the eye; keep the ends
+            keep = torch.linspace(0, len(fpr) - 1, 2000).round().long()
+            fpr, tpr = fpr[keep], tpr[keep]
+        points = [(margin + float(x) * span, size - margin - float(y) * span) for x, y in zip(fpr, tpr)]
+        draw.line(points, fill=colours[k % len(colours)], width=2)
+        draw.text((margin + 4, margin + 4 + 12 * k), label, fill=colours[k % len(colours)])
+    draw.text((size // 2 - 10, size - margin + 6), "FPR", fill="black")
+    draw.text((4, size // 2), "TPR", fill="black")
+    return np.asarray(canvas).transpose(2, 0, 1).copy()
+
+
+def review_grid(strips: Sequence[Image.Image]) -> np.ndarray:
+    """Overlay strips stacked vertically into one image. → (3, H, W) uint8"""
+    width = max(s.width for s in strips)
+    grid = Image.new("RGB", (width, sum(s.height for s in strips)), "white")
+    top = 0
+    for strip in strips:
+        grid.paste(strip, (0, top))
+        top += strip.height
+    return np.asarray(grid).transpose(2, 0, 1).copy()

@@ -202,11 +202,18 @@ class MVTecDataModule(L.LightningDataModule):
         if stage == "fit" and self.train_dataset is None:
             self.train_dataset = self.dataset("train")
 
-    def _loader(self, dataset: Dataset) -> DataLoader:
+    def _loader(self, dataset: Dataset, shard: bool = False) -> DataLoader:
+        sampler = None
+        trainer = self.trainer
+        if shard and trainer is not None and trainer.world_size > 1:
+            # Every image exactly once across ranks (Lightning's DistributedSampler would pad by
+            # repeating images): rank r takes r, r + W, r + 2W, ...; ranks may differ by one image.
+            sampler = list(range(trainer.global_rank, len(dataset), trainer.world_size))
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=False,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
@@ -214,7 +221,7 @@ class MVTecDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         assert self.test_dataset is not None, "setup('test') first"
-        return self._loader(self.test_dataset)
+        return self._loader(self.test_dataset, shard=True)
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_dataset is not None, "setup('fit') first"

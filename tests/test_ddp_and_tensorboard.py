@@ -1,0 +1,105 @@
+"""Two DDP processes (gloo, CPU) give the single process's results.csv; TensorBoard holds every number."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from patchcore_lightning.cli import main
+from patchcore_lightning.reporting import RESULTS_COLUMNS, read_results
+
+ROOT = Path(__file__).parent.parent
+RESIZE, IMAGESIZE = 72, 64
+
+
+def _data_args(mvtec_root) -> list[str]:
+    return [
+        "--data.root", str(mvtec_root),
+        "--data.categories", "[alpha,beta]",
+        "--data.resize", str(RESIZE),
+        "--data.imagesize", str(IMAGESIZE),
+        "--data.batch_size", "2",
+        "--data.num_workers", "0",
+        "--trainer.accelerator", "cpu",
+    ]
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory, mvtec_root, resnet18_weights):
+    """A single-model folder (alpha) and a 2-member ensemble folder (beta), written by fit."""
+    out = tmp_path_factory.mktemp("ddp_models")
+    common = [
+        *_data_args(mvtec_root),
+        "--model.pretrain_embed_dimension", "96",
+        "--model.target_embed_dimension", "64",
+        "--model.percentage", "0.5",
+        "--trainer.logger", "false",
+    ]
+    main(["fit", *common, "--data.categories", "[alpha]", "--model.backbones", "[resnet18]",
+          "--model.backbone_weights", str(resnet18_weights), "--results_dir", str(out / "single")])
+    main(["fit", *common, "--data.categories", "[beta]", "--model.backbones", "[resnet18,resnet50]",
+          "--model.backbone_weights", f"{{resnet18: {resnet18_weights}, resnet50: random}}",
+          "--model.layers", "{resnet18: [layer2, layer3], resnet50: [layer2]}", "--results_dir", str(out / "ensemble")])
+    return [out / "single" / "models" / "mvtec_alpha", out / "ensemble" / "models" / "mvtec_beta"]
+
+
+def _cli(mvtec_root, folders, weights, results_dir, *extra) -> subprocess.CompletedProcess:
+    args = [
+        sys.executable, str(ROOT / "lightning_cli.py"), "test", *_data_args(mvtec_root),
+        "--model.model_paths", "[" + ",".join(map(str, folders)) + "]",
+        "--model.backbone_weights", f"{{resnet18: {weights}, resnet50: random}}",
+        "--results_dir", str(results_dir), *extra,
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return proc
+
+
+def _scalars(results_dir: Path) -> dict[str, float]:
+    (version,) = (results_dir / "lightning_logs").iterdir()
+    accumulator = EventAccumulator(str(version), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    accumulator.Reload()
+    tags = accumulator.Tags()
+    scalars = {tag: accumulator.Scalars(tag)[-1].value for tag in tags["scalars"]}
+    return scalars, tags
+
+
+def test_two_processes_equal_one_and_tensorboard_holds_every_number(fitted, mvtec_root, resnet18_weights, tmp_path):
+    _cli(mvtec_root, fitted, resnet18_weights, tmp_path / "one", "--trainer.devices", "1")
+    proc = _cli(mvtec_root, fitted, resnet18_weights, tmp_path / "two", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    assert "Evaluating dataset [mvtec_beta] (2/2)" in proc.stderr
+    one, two = read_results(tmp_path / "one" / "results.csv"), read_results(tmp_path / "two" / "results.csv")
+    assert list(one) == list(two) == ["mvtec_alpha", "mvtec_beta", "mean"]
+    for row in one:
+        for name in RESULTS_COLUMNS:
+            assert two[row][name] == pytest.approx(one[row][name], abs=1e-7), (row, name)
+    # 7 test images per category on 2 ranks: 4 + 3, none repeated (a repeat fails compute())
+
+    # TensorBoard of the 2-process run (written by rank 0 alone): every number of results.csv
+    scalars, tags = _scalars(tmp_path / "two")
+    for row, metrics in two.items():
+        for name, value in metrics.items():
+            assert scalars[f"test/{row}/{name}"] == pytest.approx(value, rel=1e-6, abs=1e-7), (row, name)
+    for category in ("mvtec_alpha", "mvtec_beta"):
+        assert f"{category}/hardest_cases" in tags["images"] and f"{category}/roc" in tags["images"]
+        assert f"{category}/pixel_pr" in tags["tensors"]
+    assert len(list((tmp_path / "two" / "lightning_logs").iterdir())) == 1  # one logger: rank 0's
+
+
+def test_more_ranks_than_images(tmp_path, resnet18_weights, fitted):
+    from .conftest import make_mvtec_tree
+
+    root = make_mvtec_tree(tmp_path / "tiny", categories=("alpha", "beta"), size=80, n_good=1, defects=("crack",), n_per_defect=1)
+    _cli(root, fitted, resnet18_weights, tmp_path / "one", "--trainer.devices", "1", "--trainer.logger", "false")
+    _cli(root, fitted, resnet18_weights, tmp_path / "three", "--trainer.devices", "3", "--trainer.strategy", "ddp",
+         "--trainer.logger", "false")
+    one, three = read_results(tmp_path / "one" / "results.csv"), read_results(tmp_path / "three" / "results.csv")
+    for row in one:
+        for name in RESULTS_COLUMNS:
+            assert three[row][name] == pytest.approx(one[row][name], abs=1e-7, nan_ok=True), (row, name)
