@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import signal
 import sys
+import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +24,15 @@ from .data.mvtec import DataError, MVTecDataModule
 from .metrics import METRIC_NAMES
 from .model_io import SIDECAR_FILE, ModelFormatError
 from .module import PatchCoreModule
-from .reporting import overlay_strip, review_grid, roc_image, write_results, write_segmentation_images
+from .reporting import (
+    category_fingerprint,
+    overlay_strip,
+    read_run_state,
+    review_grid,
+    roc_image,
+    write_run_state,
+    write_segmentation_images,
+)
 
 __all__ = ["CategoryProgressBar", "PatchCoreCLI", "main"]
 
@@ -67,6 +79,13 @@ class PatchCoreCLI(LightningCLI):
             default="results",
             help="Folder for results.csv, segmentation_images/ and the TensorBoard logs.",
         )
+        parser.add_argument(
+            "--resume",
+            type=bool,
+            default=False,
+            help="Keep the categories results_dir/results.csv already holds when they were computed with "
+            "the same models, data and settings (results_config.json); refuse to mix otherwise.",
+        )
 
     @property
     def results_dir(self) -> Path:
@@ -99,6 +118,7 @@ class PatchCoreCLI(LightningCLI):
         """
         if ckpt_path is not None:
             raise ValueError("ckpt_path is not used: fit builds memory banks from the training images")
+        _check_writable(self.results_dir)
         model.setup("fit")  # numeric settings (TF32) before any backbone runs
         device = self.trainer.strategy.root_device
         seed = self._get(self.config[self.subcommand], "seed_everything")
@@ -130,6 +150,7 @@ class PatchCoreCLI(LightningCLI):
         """Evaluate every category of ``data.categories`` with its model; write results.csv after each."""
         if ckpt_path is not None:
             raise ValueError("ckpt_path is not used: PatchCore models are folders given in model.model_paths")
+        _check_writable(self.results_dir)
         if not model.model_paths:
             model.model_paths = self._fitted_model_paths(model, datamodule)
         else:
@@ -139,11 +160,37 @@ class PatchCoreCLI(LightningCLI):
         for i in range(n):
             model.model_path_for(i, n)  # fail before any work if the counts do not match
         results_dir = self.results_dir
+        resume = bool(self._get(self.config[self.subcommand], "resume"))
+        previous = read_run_state(results_dir) if resume else {}
         rows: dict[str, dict[str, float]] = {}
+        fingerprints: dict[str, str] = {}
         for i, category in enumerate(categories):
             datamodule.select(category)
             model.select(i, n)
             name = datamodule.dataset_name
+            fingerprints[name] = category_fingerprint(
+                {
+                    "dataset": name,
+                    "data.root": str(Path(datamodule.root).resolve()),
+                    "data.resize": datamodule.resize,
+                    "data.imagesize": datamodule.imagesize,
+                    "model.backbone_weights": model.backbone_weights,
+                    "model.original_bn_warmup": model.original_bn_warmup,
+                    "model.allow_tf32": model.allow_tf32,
+                },
+                model.model_path_for(i, n),
+            )
+            if name in previous:
+                row, fingerprint = previous[name]
+                if fingerprint != fingerprints[name]:
+                    raise ValueError(
+                        f"{results_dir / 'results.csv'} holds {name} computed with other models, data or settings; "
+                        f"rerun without --resume true, or use another results_dir"
+                    )
+                rows[name] = row
+                if self.trainer.is_global_zero:
+                    log.info("Skipping dataset [%s] (%d/%d): already in results.csv (--resume)", name, i + 1, n)
+                continue
             if self.trainer.is_global_zero:
                 log.info("Evaluating dataset [%s] (%d/%d)...", name, i + 1, n)
             self.trainer.test(model, datamodule=datamodule, verbose=False)
@@ -155,7 +202,7 @@ class PatchCoreCLI(LightningCLI):
                 logger.log_metrics({f"test/{name}/{k}": v for k, v in rows[name].items()}, step=i)
             for k in METRIC_NAMES:
                 log.info("%s: %.3f", k, rows[name][k])
-            write_results(results_dir / "results.csv", rows)
+            write_run_state(results_dir, rows, fingerprints)
             if model.save_segmentation_images:
                 self._save_segmentation_images(datamodule, result, results_dir / "segmentation_images" / name)
             if self._tensorboard is not None:
@@ -275,23 +322,64 @@ def _print_table(rows: dict[str, dict[str, float]]) -> None:
         print("".join([name.ljust(width), *(f"{values[k]:21.4f}" for k in METRIC_NAMES)]))
 
 
-_USER_ERRORS = (DataError, ModelFormatError, WeightsError, FileNotFoundError, PermissionError, ValueError)
+def _check_writable(folder: Path) -> None:
+    """Fail before any work when ``results_dir`` cannot hold our files."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as err:
+        raise ResultsDirError(f"results_dir {folder} cannot be written: {err.strerror or err}") from None
+
+
+class ResultsDirError(RuntimeError):
+    """results_dir cannot be created or written."""
+
+
+_USER_ERRORS = (DataError, ModelFormatError, WeightsError, ResultsDirError, FileNotFoundError, PermissionError, ValueError)
+
+
+def _one_line(err: BaseException) -> str:
+    """The last line of an error's message, without the 'package.module.Error: ' that a DataLoader
+    worker's re-raised exception carries."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    message = lines[-1] if lines else type(err).__name__
+    return re.sub(r"^(?:[A-Za-z_][\w]*\.)+[A-Za-z_]\w*(?:Error|Exception): ", "", message)
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time (it may be redirected between runs)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:
+        pass
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; a bad input ends in one line on stderr and exit code 2 (PATCHCORE_DEBUG=1: traceback)."""
     if not log.handlers:
-        handler = logging.StreamHandler()
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends the run like Ctrl+C: files stay whole
     try:
         PatchCoreCLI(args=args)
     except _USER_ERRORS as err:
         if os.environ.get("PATCHCORE_DEBUG"):
             raise
-        lines = [line for line in str(err).strip().splitlines() if line.strip()]
-        message = lines[-1].strip() if lines else type(err).__name__
-        print(f"error: {message}  (PATCHCORE_DEBUG=1 shows the traceback)", file=sys.stderr)
+        print(f"error: {_one_line(err)}  (PATCHCORE_DEBUG=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted: results.csv holds the finished categories; rerun with --resume true", file=sys.stderr)
+        sys.exit(130)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .anomaly_map import segmentation_maps
-from .backbones import BackboneWeights, build_feature_extractor, load_backbone, original_bn_warmup
+from .backbones import BackboneWeights, WeightsError, build_feature_extractor, load_backbone, original_bn_warmup
 from .coreset import SamplerName, subsample
 from .embedding import embed
 from .memory_bank import MemoryBank, gpu_faiss_available, warn_gpu_unavailable
@@ -26,12 +26,17 @@ from .model_io import (
     PatchCoreParams,
     find_members,
     read_params,
+    read_sidecar,
     write_params,
 )
 
 __all__ = ["Member", "PatchCoreModule"]
 
 log = logging.getLogger(__name__)
+
+
+def _describe_weights(sha256: str | None) -> str:
+    return f"weights sha256 {sha256[:12]}..." if sha256 else "random weights"
 
 
 @dataclass
@@ -58,6 +63,8 @@ class PatchCoreModule(L.LightningModule):
             and stays on the CPU otherwise).
         save_segmentation_images: write ``segmentation_images/<dataset>/<anomaly>_<stem>.png``
             (image | ground truth | heatmap, with the score) under ``results_dir``.
+        allow_other_weights: evaluate a model folder whose sidecar records other backbone weights
+            (sha256) than ``backbone_weights`` gives; refused by default.
         allow_tf32: let cuDNN and cuBLAS use TF32 on Ampere and newer GPUs (faster, but metrics
             drift by ~1e-4 from fp32); off by default so that a GPU gives the CPU's numbers.
         original_bn_warmup: replay the original's one train-mode forward pass of an all-ones
@@ -80,6 +87,7 @@ class PatchCoreModule(L.LightningModule):
         backbone_weights: BackboneWeights = None,
         faiss_on_gpu: bool = False,
         save_segmentation_images: bool = False,
+        allow_other_weights: bool = False,
         allow_tf32: bool = False,
         original_bn_warmup: bool = True,
         backbones: list[str] = ["wideresnet50"],  # noqa: B006  (read-only; the CLI needs a literal)
@@ -99,6 +107,7 @@ class PatchCoreModule(L.LightningModule):
         self.save_segmentation_images = save_segmentation_images
         self.original_bn_warmup = original_bn_warmup
         self.allow_tf32 = allow_tf32
+        self.allow_other_weights = allow_other_weights
         if not backbones:
             raise ValueError("model.backbones is empty: name at least one backbone")
         if isinstance(layers, dict):
@@ -178,6 +187,27 @@ class PatchCoreModule(L.LightningModule):
             self.extractors[key] = extractor.to(self.device)
         return key
 
+    def _check_weights(self, folder: str, members: list[Member]) -> None:
+        """Refuse other backbone weights than the ones our sidecar says a model was built with."""
+        sidecar = read_sidecar(folder)
+        if sidecar is None:
+            log.info("%s has no %s (the original's format): its backbone weights cannot be checked", folder, SIDECAR_FILE)
+            return
+        recorded = sidecar.get("weights_sha256", {})
+        for member in members:
+            name = member.params.backbone
+            if name not in recorded:
+                continue
+            expected, actual = recorded[name], self.weights_sha256.get(name)
+            if expected != actual:
+                message = (
+                    f"{folder} was built with {name} {_describe_weights(expected)}, but backbone_weights gives "
+                    f"{_describe_weights(actual)}; pass the same weights or --model.allow_other_weights true"
+                )
+                if not self.allow_other_weights:
+                    raise WeightsError(message)
+                log.warning("%s (allowed by allow_other_weights)", message)
+
     def load_members(self, folder: str, imagesize: int) -> list[Member]:
         members = []
         for files in find_members(folder):
@@ -198,6 +228,7 @@ class PatchCoreModule(L.LightningModule):
                     f"{files.params}: anomaly_scorer_num_nn={params.anomaly_scorer_num_nn} exceeds the bank size {len(bank)}"
                 )
             members.append(Member(params, self._extractor(params), bank))
+        self._check_weights(folder, members)
         return members
 
     def setup(self, stage: str) -> None:

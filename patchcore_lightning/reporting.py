@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
+import json
 import math
 import os
 import tempfile
@@ -14,7 +16,21 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-__all__ = ["RESULTS_COLUMNS", "colorize", "overlay_strip", "read_results", "write_results", "write_segmentation_images"]
+__all__ = [
+    "RESULTS_COLUMNS",
+    "category_fingerprint",
+    "colorize",
+    "overlay_strip",
+    "read_results",
+    "read_run_state",
+    "review_grid",
+    "roc_image",
+    "write_results",
+    "write_run_state",
+    "write_segmentation_images",
+]
+
+RUN_STATE_FILE = "results_config.json"
 
 RESULTS_COLUMNS = ("instance_auroc", "full_pixel_auroc", "full_pro", "anomaly_pixel_auroc", "anomaly_pro")
 
@@ -53,6 +69,52 @@ def read_results(path: str | os.PathLike) -> dict[str, dict[str, float]]:
     """results.csv back as {dataset_name: {metric: value}} (the mean row included)."""
     with open(path, newline="") as handle:
         return {row["dataset_name"]: {c: float(row[c]) for c in RESULTS_COLUMNS} for row in csv.DictReader(handle)}
+
+
+def category_fingerprint(settings: Mapping[str, object], model_folder: str | os.PathLike) -> str:
+    """sha256 of what decides a category's numbers: the settings and every file of its model folder."""
+    if not Path(model_folder).is_dir():
+        raise FileNotFoundError(f"model folder not found: {model_folder}")
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
+    for path in sorted(Path(model_folder).iterdir()):
+        if path.is_file() and path.suffix in (".pkl", ".faiss"):
+            digest.update(path.name.encode())
+            with open(path, "rb") as handle:
+                for chunk in iter(lambda: handle.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_run_state(results_dir: str | os.PathLike, rows: Mapping[str, Mapping[str, float]], fingerprints: Mapping[str, str]) -> None:
+    """results.csv and, first, results_config.json (the fingerprint of every row), both atomically.
+
+    The JSON is written first: an interruption between the two leaves a fingerprint without a
+    row (that category is computed again), never a row without its fingerprint.
+    """
+    results_dir = Path(results_dir)
+    state = {"fingerprints": {name: fingerprints[name] for name in rows}}
+    _atomic_write_text(results_dir / RUN_STATE_FILE, json.dumps(state, indent=2) + "\n")
+    write_results(results_dir / "results.csv", rows)
+
+
+def read_run_state(results_dir: str | os.PathLike) -> dict[str, tuple[dict[str, float], str]]:
+    """{dataset_name: (row, fingerprint)} of a previous run's results.csv; empty if there is none."""
+    results_dir = Path(results_dir)
+    if not (results_dir / "results.csv").is_file():
+        return {}
+    rows = read_results(results_dir / "results.csv")
+    rows.pop("mean", None)
+    try:
+        fingerprints = json.loads((results_dir / RUN_STATE_FILE).read_text())["fingerprints"]
+    except (OSError, ValueError, KeyError):
+        raise ValueError(
+            f"cannot resume: {results_dir / 'results.csv'} has no readable {RUN_STATE_FILE} saying how it was computed; "
+            f"rerun without --resume true, or use another results_dir"
+        ) from None
+    missing = [name for name in rows if name not in fingerprints]
+    if missing:
+        raise ValueError(f"cannot resume: {RUN_STATE_FILE} lacks {missing}; rerun without --resume true")
+    return {name: (row, fingerprints[name]) for name, row in rows.items()}
 
 
 def colorize(values: torch.Tensor) -> torch.Tensor:
