@@ -14,6 +14,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -30,6 +31,7 @@ from .reporting import (
     read_run_state,
     review_grid,
     roc_image,
+    write_predictions,
     write_run_state,
     write_segmentation_images,
 )
@@ -215,6 +217,35 @@ class PatchCoreCLI(LightningCLI):
             random = sorted(name for name, digest in model.weights_sha256.items() if digest is None)
             if random:
                 print(f"WARNING: {', '.join(random)} ran with RANDOM weights: these are not ImageNet PatchCore numbers")
+        return rows
+
+    def predict(
+        self,
+        model: PatchCoreModule,
+        datamodule: MVTecDataModule,
+        ckpt_path: str | None = None,
+        return_predictions: bool | None = None,
+        weights_only: bool | None = None,
+    ) -> list[dict]:
+        """Score every image under ``data.predict_dir``: predictions.csv, skipped.csv, heatmaps/."""
+        if ckpt_path is not None:
+            raise ValueError("ckpt_path is not used: PatchCore models are folders given in model.model_paths")
+        results_dir = self.results_dir
+        _check_writable(results_dir)
+        model.predict_dir_out = results_dir
+        self.trainer.predict(model, datamodule=datamodule, return_predictions=False)
+        rows = model.predictions
+        if self.trainer.world_size > 1:  # every rank scored its own shard
+            gathered: list[list[dict]] = [[] for _ in range(self.trainer.world_size)]
+            torch.distributed.all_gather_object(gathered, rows)
+            rows = [row for part in gathered for row in part]
+        rows = sorted(rows, key=lambda r: r["path"])
+        if self.trainer.is_global_zero:
+            scored = write_predictions(results_dir, rows, model.image_threshold, len(model.members))
+            skipped = len(rows) - scored
+            print(f"scored {scored} images -> {results_dir / 'predictions.csv'}, heatmaps in {results_dir / 'heatmaps'}")
+            if skipped:
+                print(f"skipped {skipped} unreadable files -> {results_dir / 'skipped.csv'}")
         return rows
 
     @property

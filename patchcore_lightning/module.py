@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 
@@ -29,6 +30,7 @@ from .model_io import (
     read_sidecar,
     write_params,
 )
+from .reporting import blend, compose
 
 __all__ = ["Member", "PatchCoreModule"]
 
@@ -70,6 +72,12 @@ class PatchCoreModule(L.LightningModule):
         original_bn_warmup: replay the original's one train-mode forward pass of an all-ones
             image, which shifts the BatchNorm running statistics of every backbone it builds (see
             README). Models made by the original (and by our ``fit``) need it to give their numbers.
+        image_threshold: for ``predict``: raw image score from which an image counts as anomalous
+            (adds the ``is_anomalous`` column to predictions.csv).
+        heatmap_max: for ``predict``: the raw segmentation value drawn at the top of the heatmaps'
+            colour scale (0 at the bottom), the same for every image; defaults to image_threshold,
+            and to each image's own maximum when neither is given.
+        save_raw_maps: for ``predict``: also write each raw segmentation map as ``.npy``.
         backbones: for ``fit`` (and ``test`` without model_paths): one ensemble member per backbone.
         layers: layers to extract (dotted module paths), for every backbone, or a mapping from
             backbone name to its layers (e.g. densenet201: [features.denseblock2, features.denseblock3]).
@@ -90,6 +98,9 @@ class PatchCoreModule(L.LightningModule):
         allow_other_weights: bool = False,
         allow_tf32: bool = False,
         original_bn_warmup: bool = True,
+        image_threshold: float | None = None,
+        heatmap_max: float | None = None,
+        save_raw_maps: bool = False,
         backbones: list[str] = ["wideresnet50"],  # noqa: B006  (read-only; the CLI needs a literal)
         layers: list[str] | dict[str, list[str]] = ["layer2", "layer3"],  # noqa: B006
         pretrain_embed_dimension: int = 1024,
@@ -108,6 +119,13 @@ class PatchCoreModule(L.LightningModule):
         self.original_bn_warmup = original_bn_warmup
         self.allow_tf32 = allow_tf32
         self.allow_other_weights = allow_other_weights
+        self.image_threshold = image_threshold
+        if heatmap_max is not None and heatmap_max <= 0:
+            raise ValueError(f"model.heatmap_max must be > 0, got {heatmap_max}")
+        self.heatmap_max = heatmap_max
+        self.save_raw_maps = save_raw_maps
+        self.predict_dir_out: Path | None = None  # set by the CLI: where heatmaps go
+        self.predictions: list[dict] = []
         if not backbones:
             raise ValueError("model.backbones is empty: name at least one backbone")
         if isinstance(layers, dict):
@@ -235,6 +253,14 @@ class PatchCoreModule(L.LightningModule):
         # PyTorch lets cuDNN convolutions use TF32 by default; PatchCore's numbers are fp32 numbers.
         torch.backends.cudnn.allow_tf32 = self.allow_tf32
         torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
+        if stage == "predict":
+            if len(self.model_paths) != 1:
+                raise ValueError(f"predict scores with one model folder; model.model_paths has {len(self.model_paths)}")
+            self.model_path = self.model_paths[0]
+            if not self.members:
+                self.members = self.load_members(self.model_path, self.trainer.datamodule.imagesize)
+            self.predictions = []
+            return
         if stage != "test":
             return
         if self.model_path is None:
@@ -337,6 +363,35 @@ class PatchCoreModule(L.LightningModule):
         images, masks, labels, indices = batch
         raw_scores, raw_maps = self.member_outputs(images.float())
         self.evaluation.update(raw_scores, raw_maps, masks, labels, indices)
+
+    def predict_step(self, batch: tuple, batch_idx: int) -> None:
+        """Raw scores of readable images; heatmaps written as they come (nothing kept per pixel)."""
+        images, indices, errors = batch
+        dataset = self.trainer.datamodule.predict_dataset
+        ok = [i for i, e in enumerate(errors) if not e]
+        for i, error in enumerate(errors):
+            if error:
+                self.predictions.append({"path": dataset.relative(int(indices[i])), "error": error})
+        if not ok:
+            return
+        raw_scores, raw_maps = self.member_outputs(images[ok].float())  # (b, M), (b, M, H, W)
+        maps = raw_maps.mean(dim=1)  # (b, H, W)
+        for k, i in enumerate(ok):
+            path = dataset.relative(int(indices[i]))
+            self.predictions.append({"path": path, "scores": raw_scores[k].tolist()})
+            if self.predict_dir_out is not None:
+                self._write_heatmap(dataset, int(indices[i]), path, maps[k])
+
+    def _write_heatmap(self, dataset, index: int, path: str, raw_map: torch.Tensor) -> None:
+        """``heatmaps/<path>.png``: the image | the raw map over it on the fixed scale [0, heatmap_max]."""
+        top = self.heatmap_max or self.image_threshold or float(raw_map.max()) or 1.0
+        target = self.predict_dir_out / "heatmaps" / f"{path}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shown = dataset.display_image(index)
+        caption = f"{path}  max {float(raw_map.max()):.4g}  scale 0..{top:.4g}"
+        compose([shown, blend(shown, (raw_map / top).clamp(0, 1))], caption).save(target)
+        if self.save_raw_maps:
+            np.save(target.with_suffix(".npy"), raw_map.cpu().numpy())
 
     @torch.no_grad()
     def finish_category(self) -> dict:

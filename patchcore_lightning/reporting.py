@@ -19,12 +19,15 @@ from PIL import Image, ImageDraw
 __all__ = [
     "RESULTS_COLUMNS",
     "category_fingerprint",
+    "blend",
     "colorize",
+    "compose",
     "overlay_strip",
     "read_results",
     "read_run_state",
     "review_grid",
     "roc_image",
+    "write_predictions",
     "write_results",
     "write_run_state",
     "write_segmentation_images",
@@ -117,6 +120,41 @@ def read_run_state(results_dir: str | os.PathLike) -> dict[str, tuple[dict[str, 
     return {name: (row, fingerprints[name]) for name, row in rows.items()}
 
 
+def write_predictions(
+    results_dir: str | os.PathLike, rows: Sequence[Mapping], threshold: float | None, n_members: int
+) -> int:
+    """predictions.csv (path, raw score[, per-member scores][, is_anomalous]) and skipped.csv (path,
+    reason), both atomically; returns the number of scored images."""
+    results_dir = Path(results_dir)
+    scored = [r for r in rows if "scores" in r]
+    header = ["path", "score"]
+    if n_members > 1:
+        header += [f"score_member{i}" for i in range(1, n_members + 1)]
+    if threshold is not None:
+        header.append("is_anomalous")
+    lines = [header]
+    for row in scored:
+        score = float(np.mean(row["scores"]))
+        line = [row["path"], repr(score)]
+        if n_members > 1:
+            line += [repr(float(v)) for v in row["scores"]]
+        if threshold is not None:
+            line.append(int(score >= threshold))
+        lines.append(line)
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerows(lines)
+    _atomic_write_text(results_dir / "predictions.csv", buffer.getvalue())
+    skipped = [r for r in rows if "error" in r]
+    skipped_path = results_dir / "skipped.csv"
+    if skipped:
+        buffer = io.StringIO()
+        csv.writer(buffer, lineterminator="\n").writerows([["path", "reason"], *[[r["path"], r["error"]] for r in skipped]])
+        _atomic_write_text(skipped_path, buffer.getvalue())
+    elif skipped_path.exists():
+        skipped_path.unlink()  # a stale list from an earlier run would mislead
+    return len(scored)
+
+
 def colorize(values: torch.Tensor) -> torch.Tensor:
     """A 'jet'-like colour map of values in [0, 1]: (H, W) → (H, W, 3) uint8."""
     v = values.clamp(0, 1)
@@ -126,18 +164,26 @@ def colorize(values: torch.Tensor) -> torch.Tensor:
     return (torch.stack([r, g, b], dim=-1) * 255).round().to(torch.uint8)
 
 
-def overlay_strip(image: np.ndarray, mask: np.ndarray, heat: torch.Tensor, caption: str) -> Image.Image:
-    """image (H, W, 3) uint8 | ground truth (H, W) uint8 | heatmap over the image, with a caption."""
-    H, W = mask.shape
+def blend(image: np.ndarray, heat: torch.Tensor) -> np.ndarray:
+    """The colour-mapped heat (H, W) in [0, 1] over the image (H, W, 3) uint8, half and half."""
     colours = colorize(heat.float().cpu()).numpy()
-    blend = (0.5 * image.astype(np.float32) + 0.5 * colours.astype(np.float32)).round().astype(np.uint8)
-    gt = np.repeat(mask[..., None], 3, axis=2)
+    return (0.5 * image.astype(np.float32) + 0.5 * colours.astype(np.float32)).round().astype(np.uint8)
+
+
+def compose(panels: Sequence[np.ndarray], caption: str) -> Image.Image:
+    """Panels (H, W, 3) uint8 side by side under a caption band."""
+    H, W = panels[0].shape[:2]
     band = 18
-    canvas = Image.new("RGB", (3 * W, H + band), "white")
-    for i, panel in enumerate((image, gt, blend)):
+    canvas = Image.new("RGB", (len(panels) * W, H + band), "white")
+    for i, panel in enumerate(panels):
         canvas.paste(Image.fromarray(panel), (i * W, band))
     ImageDraw.Draw(canvas).text((4, 3), caption, fill="black")
     return canvas
+
+
+def overlay_strip(image: np.ndarray, mask: np.ndarray, heat: torch.Tensor, caption: str) -> Image.Image:
+    """image (H, W, 3) uint8 | ground truth (H, W) uint8 | heatmap over the image, with a caption."""
+    return compose([image, np.repeat(mask[..., None], 3, axis=2), blend(image, heat)], caption)
 
 
 def write_segmentation_images(

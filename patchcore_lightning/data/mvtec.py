@@ -144,6 +144,7 @@ class MVTecDataModule(L.LightningDataModule):
         num_workers: data loading processes (0 loads in the main process).
         synthetic: generate the demo's synthetic categories under ``root`` where they are missing
             (``patchcore_lightning.data.synthetic``; categories weave, grain, tiles).
+        predict_dir: for ``predict``: a folder of images (any layout, searched recursively).
     """
 
     def __init__(
@@ -155,6 +156,7 @@ class MVTecDataModule(L.LightningDataModule):
         batch_size: int = 2,
         num_workers: int = 4,
         synthetic: bool = False,
+        predict_dir: str | None = None,
     ) -> None:
         super().__init__()
         if not categories:
@@ -172,6 +174,8 @@ class MVTecDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.synthetic = synthetic
+        self.predict_dir = predict_dir
+        self.predict_dataset = None
         self.category = self.categories[0]
         self.test_dataset: MVTecDataset | None = None
         self.train_dataset: MVTecDataset | None = None
@@ -201,6 +205,12 @@ class MVTecDataModule(L.LightningDataModule):
             self.test_dataset = self.dataset("test")
         if stage == "fit" and self.train_dataset is None:
             self.train_dataset = self.dataset("train")
+        if stage == "predict" and self.predict_dataset is None:
+            from .folder import ImageFolderDataset
+
+            if not self.predict_dir:
+                raise DataError("predict needs data.predict_dir: the folder of images to score")
+            self.predict_dataset = ImageFolderDataset(self.predict_dir, self.resize, self.imagesize)
 
     def _loader(self, dataset: Dataset, shard: bool = False) -> DataLoader:
         sampler = None
@@ -222,6 +232,10 @@ class MVTecDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         assert self.test_dataset is not None, "setup('test') first"
         return self._loader(self.test_dataset, shard=True)
+
+    def predict_dataloader(self) -> DataLoader:
+        assert self.predict_dataset is not None, "setup('predict') first"
+        return self._loader(self.predict_dataset, shard=True)
 
     def train_dataloader(self) -> DataLoader:
         assert self.train_dataset is not None, "setup('fit') first"

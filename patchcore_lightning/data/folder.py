@@ -1,0 +1,71 @@
+"""A folder of unlabelled images (any layout, searched recursively), for ``predict``."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+from .mvtec import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError
+
+__all__ = ["ImageFolderDataset", "list_images"]
+
+
+def list_images(root: str | os.PathLike) -> list[Path]:
+    """Every image file under ``root`` (png, jpg/jpeg, bmp, tif/tiff, any case), in sorted path order."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"predict_dir not found: {root}")
+    images = sorted(
+        (p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS),
+        key=lambda p: p.relative_to(root).as_posix(),
+    )
+    if not images:
+        raise DataError(f"no images under {root} (looked for {', '.join(IMAGE_EXTENSIONS)}, recursively)")
+    return images
+
+
+class ImageFolderDataset(Dataset):
+    """Items: image (3, S, S) (zeros if unreadable), index, and "" or the reason it could not be read.
+
+    An unreadable file does not stop the run: the model skips it and ``predict`` lists it in
+    skipped.csv. Grayscale, palette and RGBA images are converted to RGB.
+    """
+
+    def __init__(self, root: str | os.PathLike, resize: int, imagesize: int) -> None:
+        self.root = Path(root)
+        self.paths = list_images(self.root)
+        self.imagesize = imagesize
+        self.transform = transforms.Compose(
+            [
+                transforms.Resize(resize),
+                transforms.CenterCrop(imagesize),
+                transforms.ToTensor(),
+                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def relative(self, index: int) -> str:
+        return self.paths[index].relative_to(self.root).as_posix()
+
+    def display_image(self, index: int) -> np.ndarray:
+        """The image as the backbone saw it (resized and cropped), un-normalised. (S, S, 3) uint8"""
+        resize, crop = self.transform.transforms[:2]
+        with Image.open(self.paths[index]) as img:
+            return np.asarray(crop(resize(img.convert("RGB"))), dtype=np.uint8)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        try:
+            with Image.open(self.paths[index]) as img:
+                image = img.convert("RGB")
+        except Exception as err:  # unreadable or truncated: reported, not fatal
+            return torch.zeros(3, self.imagesize, self.imagesize), index, f"{type(err).__name__}: {err}"
+        return self.transform(image), index, ""
