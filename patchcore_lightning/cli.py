@@ -27,6 +27,7 @@ from .model_io import SIDECAR_FILE, ModelFormatError
 from .module import PatchCoreModule
 from .reporting import (
     category_fingerprint,
+    mean_row,
     overlay_strip,
     read_run_state,
     review_grid,
@@ -118,8 +119,7 @@ class PatchCoreCLI(LightningCLI):
 
         ``categories`` restricts the work to some of ``data.categories`` (used by ``test``).
         """
-        if ckpt_path is not None:
-            raise ValueError("ckpt_path is not used: fit builds memory banks from the training images")
+        _refuse_checkpoint(ckpt_path)
         _check_writable(self.results_dir)
         model.setup("fit")  # numeric settings (TF32) before any backbone runs
         device = self.trainer.strategy.root_device
@@ -150,8 +150,7 @@ class PatchCoreCLI(LightningCLI):
         weights_only: bool | None = None,
     ) -> dict[str, dict[str, float]]:
         """Evaluate every category of ``data.categories`` with its model; write results.csv after each."""
-        if ckpt_path is not None:
-            raise ValueError("ckpt_path is not used: PatchCore models are folders given in model.model_paths")
+        _refuse_checkpoint(ckpt_path)
         _check_writable(self.results_dir)
         if not model.model_paths:
             model.model_paths = self._fitted_model_paths(model, datamodule)
@@ -228,8 +227,7 @@ class PatchCoreCLI(LightningCLI):
         weights_only: bool | None = None,
     ) -> list[dict]:
         """Score every image under ``data.predict_dir``: predictions.csv, skipped.csv, heatmaps/."""
-        if ckpt_path is not None:
-            raise ValueError("ckpt_path is not used: PatchCore models are folders given in model.model_paths")
+        _refuse_checkpoint(ckpt_path)
         results_dir = self.results_dir
         _check_writable(results_dir)
         model.predict_dir_out = results_dir
@@ -289,7 +287,7 @@ class PatchCoreCLI(LightningCLI):
     def _log_run(self, model: PatchCoreModule, datamodule: MVTecDataModule, rows: dict[str, dict[str, float]]) -> None:
         """``test/mean/<metric>`` scalars and the resolved configuration as hparams."""
         writer = self._tensorboard
-        means = {k: float(np.mean([r[k] for r in rows.values()])) for k in METRIC_NAMES}
+        means = mean_row(rows)
         for k, v in means.items():
             writer.add_scalar(f"test/mean/{k}", v, len(rows))
         hparams = {
@@ -345,12 +343,19 @@ def _display_image(dataset, sample) -> np.ndarray:
 
 def _print_table(rows: dict[str, dict[str, float]]) -> None:
     names = [*rows, "mean"]
-    means = {k: float(np.mean([r[k] for r in rows.values()])) for k in METRIC_NAMES}
+    means = mean_row(rows)
     width = max(len(n) for n in names) + 2
     print("".join(["dataset".ljust(width), *(k.rjust(21) for k in METRIC_NAMES)]))
     for name in names:
         values = rows.get(name, means)
         print("".join([name.ljust(width), *(f"{values[k]:21.4f}" for k in METRIC_NAMES)]))
+
+
+def _refuse_checkpoint(ckpt_path: str | None) -> None:
+    if ckpt_path is not None:
+        raise ValueError(
+            f"ckpt_path={ckpt_path!r} is not used: PatchCore models are folders given in model.model_paths"
+        )
 
 
 def _check_writable(folder: Path) -> None:

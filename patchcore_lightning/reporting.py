@@ -22,6 +22,7 @@ __all__ = [
     "blend",
     "colorize",
     "compose",
+    "mean_row",
     "overlay_strip",
     "read_results",
     "read_run_state",
@@ -52,6 +53,11 @@ def _atomic_write_text(path: Path, text: str) -> None:
         raise
 
 
+def mean_row(rows: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The ``mean`` row: each metric averaged over the datasets (NaN if any dataset's is NaN)."""
+    return {c: float(np.mean([float(m[c]) for m in rows.values()])) for c in RESULTS_COLUMNS}
+
+
 def write_results(path: str | os.PathLike, rows: Mapping[str, Mapping[str, float]]) -> None:
     """results.csv: a row per dataset in order, then their ``mean``; floats at full precision.
 
@@ -61,8 +67,8 @@ def write_results(path: str | os.PathLike, rows: Mapping[str, Mapping[str, float
     for name, metrics in rows.items():
         lines.append([name, *(repr(float(metrics[c])) for c in RESULTS_COLUMNS)])
     if rows:
-        means = [float(np.mean([float(m[c]) for m in rows.values()])) for c in RESULTS_COLUMNS]
-        lines.append(["mean", *(repr(v) for v in means)])
+        means = mean_row(rows)
+        lines.append(["mean", *(repr(means[c]) for c in RESULTS_COLUMNS)])
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(lines)
     _atomic_write_text(Path(path), buffer.getvalue())
