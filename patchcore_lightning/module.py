@@ -154,7 +154,6 @@ class PatchCoreModule(L.LightningModule):
         self.weights_sha256: dict[str, str | None] = {}
         self.members: list[Member] = []
         self.model_path: str | None = None
-        self.category_index = 0
         self.evaluation = PatchCoreEvaluation()
         self.result: dict | None = None
         # Under DDP a rank may get no image of a small category; it still joins the metric gather.
@@ -174,7 +173,6 @@ class PatchCoreModule(L.LightningModule):
 
     def select(self, index: int, n_categories: int) -> None:
         """Evaluate the ``index``-th category next; its models are loaded in ``setup``."""
-        self.category_index = index
         path = self.model_path_for(index, n_categories)
         if path != self.model_path:
             self.model_path, self.members = path, []
@@ -419,6 +417,3 @@ class PatchCoreModule(L.LightningModule):
     @property
     def member_descriptions(self) -> list[str]:
         return [f"{m.params.backbone}[{','.join(m.params.layers)}] bank {len(m.bank)}x{m.bank.dim}" for m in self.members]
-
-    def model_folder(self) -> Path | None:
-        return Path(self.model_path) if self.model_path else None
