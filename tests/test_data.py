@@ -74,3 +74,17 @@ def test_datamodule_validates_and_generates_synthetic_data(tmp_path):
     shutil.rmtree(tmp_path / "syn")
     make_synthetic_mvtec(tmp_path / "syn", ("tiles",))
     assert (tmp_path / "syn" / "tiles" / "test" / "hole" / "000.png").read_bytes() == first  # deterministic
+
+
+def test_ddp_shards_are_whole_single_process_batches():
+    class _Trainer:
+        world_size, global_rank = 3, 0
+
+    dm = MVTecDataModule(categories=["x"], batch_size=2, num_workers=0)
+    seen = []
+    for rank in range(3):
+        _Trainer.global_rank = rank
+        dm.trainer = _Trainer()
+        loader = dm._loader(list(range(11)), shard=True)
+        seen.append([batch.tolist() for batch in loader])
+    assert seen == [[[0, 1], [6, 7]], [[2, 3], [8, 9]], [[4, 5], [10]]]

@@ -217,8 +217,12 @@ class MVTecDataModule(L.LightningDataModule):
         trainer = self.trainer
         if shard and trainer is not None and trainer.world_size > 1:
             # Every image exactly once across ranks (Lightning's DistributedSampler would pad by
-            # repeating images): rank r takes r, r + W, r + 2W, ...; ranks may differ by one image.
-            sampler = list(range(trainer.global_rank, len(dataset), trainer.world_size))
+            # repeating images), and in the very batch a single process would put it in: rank r
+            # takes batches r, r + W, r + 2W, ... of the single-process order. Kernels (a CPU
+            # convolution, a BLAS product) may round differently for another batch composition;
+            # this way every image's scores are bit for bit those of one process.
+            B, W, N = self.batch_size, trainer.world_size, len(dataset)
+            sampler = [i for k in range(trainer.global_rank, -(-N // B), W) for i in range(k * B, min((k + 1) * B, N))]
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
