@@ -2,16 +2,39 @@
 
 Notation: B images, C channels of a layer, p the patch size, (h, w) a layer's grid, (H0, W0) the
 grid of the first requested layer, N = B * H0 * W0 patches, L layers, D dimensions.
+
+The original unfolds every layer into (C*p*p)-long blocks per position, resizes the later layers'
+blocks to the first grid, and average-pools each block to ``pretrain_dim`` with
+``adaptive_avg_pool1d``. ``embed`` computes the same numbers with much less work:
+
+- ``adaptive_avg_pool1d`` from n to m averages the windows [floor(i*n/m), ceil((i+1)*n/m)). With
+  n = a*g and m = b*g (g = gcd(n, m)) output i = q*b + r starts at q*a + floor(r*a/b) and has a
+  width that depends on r only, so the pooling is b strided sums of a few shifted slices.
+- A block entry j = c*p*p + ky*p + kx is the zero-padded map at channel c shifted by (ky, kx); when
+  a is a multiple of p*p, window r of group q reads channels q*a/(p*p) + const of one shifted
+  map, so pooling is fused with the patch extraction (``_pooled_patches``): nothing of size
+  C*p*p per position is ever materialised for the first layer (and any layer on its grid).
+- Later layers on coarser grids are unfolded and resized as the original does, but in
+  channels_last memory (torch's bilinear kernel is then ~9x faster on a CPU and bit-identical),
+  and pooled over the contiguous block of each position.
+
+Every sum runs in the order ``adaptive_avg_pool1d`` runs it: the features are bit-identical to the
+original's chain (``aggregate_layers``), not merely close.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["aggregate_layers", "embed", "patch_grid", "patchify"]
+__all__ = ["adaptive_avg_pool_channels", "aggregate_layers", "embed", "patch_grid", "patchify"]
+
+# Above this many window phases b the strided sums become many small ops; gather instead.
+_MAX_PHASES = 16
 
 
 def patch_grid(size: int, patchsize: int, stride: int) -> int:
@@ -31,18 +54,119 @@ def patchify(feats: torch.Tensor, patchsize: int, stride: int = 1) -> torch.Tens
     return blocks.view(B, C * patchsize * patchsize, patch_grid(h, patchsize, stride), patch_grid(w, patchsize, stride))
 
 
-def _pool_last(x: torch.Tensor, size: int) -> torch.Tensor:
-    """``adaptive_avg_pool1d`` over the last dimension: (N, n) → (N, size)."""
-    return F.adaptive_avg_pool1d(x.unsqueeze(1), size).squeeze(1)
+@lru_cache(maxsize=64)
+def _phases(n: int, size: int) -> tuple[int, int, tuple[tuple[int, int], ...]]:
+    """``adaptive_avg_pool1d`` n → size as (a, b, ((start, width) of phase r, ...)): n = a*g, size = b*g."""
+    g = math.gcd(n, size)
+    a, b = n // g, size // g
+    # Output q*b + r covers [q*a + floor(r*a/b), q*a + ceil((r+1)*a/b)): never beyond its group.
+    return a, b, tuple(((r * a) // b, -((-(r + 1) * a) // b) - (r * a) // b) for r in range(b))
+
+
+@lru_cache(maxsize=64)
+def _widths(n: int, size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Window widths of the b phases, (b,), kept on ``device`` (no host-to-device copy per batch)."""
+    with torch.inference_mode(False):  # cached: a normal tensor, usable outside inference mode too
+        return torch.tensor([w for _, w in _phases(n, size)[2]], dtype=dtype).to(device)
+
+
+@lru_cache(maxsize=16)
+def _windows(n: int, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Every window's start and width (size,) on ``device``, and the largest width."""
+    with torch.inference_mode(False):
+        i = torch.arange(size)
+        starts = (i * n) // size
+        widths = ((i + 1) * n + size - 1) // size - starts
+        return starts.to(device), widths.to(device), int(widths.max())
+
+
+def adaptive_avg_pool_channels(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``adaptive_avg_pool1d`` over dimension 1, bit for bit: (B, n, *S) → (B, size, *S).
+
+    Each window is summed left to right and divided by its width, as torch's kernel does.
+    """
+    B, n = x.shape[:2]
+    rest = x.shape[2:]
+    if n == size:
+        return x.clone()
+    if not rest or size == 1:  # pooling a contiguous last dimension (or torch's global-mean shortcut)
+        rows = x.reshape(B, n, -1).transpose(1, 2).reshape(-1, 1, n)  # (B*S, 1, n), a view when S = 1
+        return F.adaptive_avg_pool1d(rows, size).view(B, -1, size).transpose(1, 2).reshape(B, size, *rest)
+    a, b, phases = _phases(n, size)
+    g = n // a
+    if b <= _MAX_PHASES:
+        groups = x.reshape(B, g, a, -1)  # (B, g, a, S)
+        out = x.new_empty(B, g, b, groups.shape[-1])  # (B, g, b, S)
+        for r, (start, width) in enumerate(phases):
+            acc = out[:, :, r]
+            acc.copy_(groups[:, :, start])
+            for t in range(1, width):
+                acc.add_(groups[:, :, start + t])
+        return out.div_(_widths(n, size, x.dtype, x.device).view(1, 1, b, 1)).view(B, size, *rest)
+    # Many phases (n and size nearly coprime): one gather per window offset over all windows.
+    flat = x.reshape(B, n, -1)  # (B, n, S)
+    starts, widths, widest = _windows(n, size, x.device)  # (size,), (size,)
+    out = flat.index_select(1, starts)  # (B, size, S)
+    for t in range(1, widest):
+        # Windows at least t+1 wide get their entry t; the others a zero (adding 0.0 is exact).
+        entry = flat.index_select(1, (starts + t).clamp_max_(n - 1))  # (B, size, S)
+        out.add_(torch.where((widths > t).view(1, size, 1), entry, 0.0))
+    return out.div_(widths.to(x.dtype).view(1, size, 1)).view(B, size, *rest)
+
+
+def _patchify_channels_last(feats: torch.Tensor, patchsize: int, stride: int = 1) -> torch.Tensor:
+    """``patchify(feats, p, stride)`` in channels_last memory: (B, C*p*p, h', w'), each block contiguous."""
+    B, C, h, w = feats.shape
+    pad = (patchsize - 1) // 2
+    H, W = patch_grid(h, patchsize, stride), patch_grid(w, patchsize, stride)
+    padded = F.pad(feats, (pad, pad, pad, pad)).permute(0, 2, 3, 1)  # (B, h + 2pad, w + 2pad, C) view
+    out = feats.new_empty(B, H, W, C, patchsize * patchsize)  # (B, H, W, C, p*p): entry c*p*p + ky*p + kx
+    for ky in range(patchsize):
+        for kx in range(patchsize):
+            out[..., ky * patchsize + kx] = padded[:, ky : ky + stride * (H - 1) + 1 : stride,
+                                                   kx : kx + stride * (W - 1) + 1 : stride]
+    return out.view(B, H, W, -1).permute(0, 3, 1, 2)  # (B, C*p*p, H, W), channels_last
+
+
+def _pooled_patches(feats: torch.Tensor, patchsize: int, stride: int, size: int) -> torch.Tensor:
+    """``adaptive_avg_pool_channels(patchify(feats, p, stride), size)`` without building the blocks.
+
+    (B, C, h, w) → (B, size, h', w').
+    """
+    B, C, h, w = feats.shape
+    p2 = patchsize * patchsize
+    a, b, phases = _phases(C * p2, size)
+    if size == 1 or a % p2 or b > _MAX_PHASES:  # windows not of whole channels, or a mean: pool the blocks
+        return adaptive_avg_pool_channels(patchify(feats, patchsize, stride), size)
+    per_group = a // p2  # channels per group of a block entries
+    g = C // per_group  # groups
+    pad = (patchsize - 1) // 2
+    H, W = patch_grid(h, patchsize, stride), patch_grid(w, patchsize, stride)
+    padded = F.pad(feats.contiguous(), (pad, pad, pad, pad))  # (B, C, h + 2pad, w + 2pad)
+
+    def entry(j: int) -> torch.Tensor:
+        """Block entry j of every group: channels j//p² + k*per_group, shifted by (ky, kx). (B, g, H, W)"""
+        c, (ky, kx) = j // p2, divmod(j % p2, patchsize)
+        rows, cols = slice(ky, ky + stride * (H - 1) + 1, stride), slice(kx, kx + stride * (W - 1) + 1, stride)
+        return padded[:, c::per_group, rows, cols]
+
+    out = feats.new_empty(B, g, b, H, W)  # (B, g, b, H, W): output channel q*b + r
+    for r, (start, width) in enumerate(phases):
+        acc = out[:, :, r]
+        acc.copy_(entry(start))
+        for t in range(1, width):
+            acc.add_(entry(start + t))
+    return out.div_(_widths(C * p2, size, feats.dtype, feats.device).view(1, 1, b, 1, 1)).view(B, size, H, W)
 
 
 def aggregate_layers(blocks: Sequence[torch.Tensor], pretrain_dim: int, target_dim: int) -> torch.Tensor:
-    """Patch blocks of L layers → one (N, target_dim) feature per patch.
+    """Patch blocks of L layers → one (N, target_dim) feature per patch, in the original's order.
 
     ``blocks[i]`` is (B, C_i*p*p, h_i, w_i). Every later layer is resized to the first layer's grid
     (bilinear, align_corners=False, each block entry a channel of its own), each patch's block is
     pooled to ``pretrain_dim`` (adaptive average over the flattened (C, p, p) block), the layers
-    are stacked (L, pretrain_dim) and pooled again to ``target_dim``.
+    are stacked (L, pretrain_dim) and pooled again to ``target_dim``. The literal reading of the
+    original (slow: it materialises and resizes every block); ``embed`` gives the same bits.
     """
     B, _, H0, W0 = blocks[0].shape
     pooled = []
@@ -50,15 +174,32 @@ def aggregate_layers(blocks: Sequence[torch.Tensor], pretrain_dim: int, target_d
         if block.shape[-2:] != (H0, W0):
             block = F.interpolate(block, size=(H0, W0), mode="bilinear", align_corners=False)
         flat = block.permute(0, 2, 3, 1).reshape(B * H0 * W0, -1)  # (N, C*p*p), row-major over (B, H0, W0)
-        pooled.append(_pool_last(flat, pretrain_dim))  # (N, pretrain_dim)
-    stacked = torch.stack(pooled, dim=1)  # (N, L, pretrain_dim)
-    return _pool_last(stacked.reshape(len(stacked), -1), target_dim)  # (N, target_dim)
+        pooled.append(F.adaptive_avg_pool1d(flat.unsqueeze(1), pretrain_dim).squeeze(1))  # (N, pretrain_dim)
+    stacked = torch.stack(pooled, dim=1).flatten(1)  # (N, L*pretrain_dim)
+    return F.adaptive_avg_pool1d(stacked.unsqueeze(1), target_dim).squeeze(1)  # (N, target_dim)
 
 
 def embed(
     layer_feats: Sequence[torch.Tensor], patchsize: int, stride: int, pretrain_dim: int, target_dim: int
 ) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Backbone layer maps [(B, C_i, h_i, w_i)] → patch features (B*H0*W0, target_dim) and (H0, W0)."""
-    blocks = [patchify(f, patchsize, stride) for f in layer_feats]
-    H0, W0 = blocks[0].shape[-2:]
-    return aggregate_layers(blocks, pretrain_dim, target_dim), (H0, W0)
+    """Backbone layer maps [(B, C_i, h_i, w_i)] → patch features (B*H0*W0, target_dim) and (H0, W0).
+
+    Contiguous, rows ordered (B, H0, W0) row-major, as the original's; bit for bit its numbers.
+    """
+    B = layer_feats[0].shape[0]
+    H0, W0 = (patch_grid(n, patchsize, stride) for n in layer_feats[0].shape[-2:])
+    stacked = layer_feats[0].new_empty(B, H0 * W0, len(layer_feats), pretrain_dim)  # per patch, layer after layer
+    for i, feats in enumerate(layer_feats):
+        h, w = (patch_grid(n, patchsize, stride) for n in feats.shape[-2:])
+        if (h, w) == (H0, W0):
+            x = _pooled_patches(feats, patchsize, stride, pretrain_dim)  # (B, pretrain_dim, H0, W0)
+            stacked[:, :, i] = x.view(B, pretrain_dim, H0 * W0).transpose(1, 2)
+            continue
+        # The original resizes every block entry, then pools; pooling first would reorder float sums.
+        # Resized in channels_last (bit-identical to the channels-first kernel, and ~9x faster on a CPU).
+        blocks = _patchify_channels_last(feats, patchsize, stride)  # (B, n, h, w)
+        blocks = F.interpolate(blocks, size=(H0, W0), mode="bilinear", align_corners=False)  # (B, n, H0, W0)
+        rows = blocks.permute(0, 2, 3, 1).reshape(B * H0 * W0, -1)  # (N, n): a view, channels_last
+        stacked[:, :, i] = adaptive_avg_pool_channels(rows, pretrain_dim).view(B, H0 * W0, pretrain_dim)
+    out = adaptive_avg_pool_channels(stacked.view(B * H0 * W0, -1), target_dim)  # (N, target_dim)
+    return out, (H0, W0)

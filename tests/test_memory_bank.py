@@ -1,4 +1,4 @@
-"""The faiss bank against brute-force distances; file round trip."""
+"""The bank's two exact searches (faiss, chunked torch) against brute-force distances; file round trip."""
 
 from __future__ import annotations
 
@@ -6,7 +6,13 @@ import faiss
 import pytest
 import torch
 
-from patchcore_lightning.memory_bank import MemoryBank
+from patchcore_lightning import memory_bank
+from patchcore_lightning.memory_bank import MemoryBank, torch_knn
+
+
+def _brute_force(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    d2 = torch.cdist(queries.double(), bank.double()) ** 2  # (N, M)
+    return d2.topk(k, largest=False).values  # (N, k) ascending
 
 
 def test_patch_scores_are_mean_squared_distances_to_k_nearest(tmp_path):
@@ -14,14 +20,69 @@ def test_patch_scores_are_mean_squared_distances_to_k_nearest(tmp_path):
     bank_vectors = torch.randn(200, 32, generator=g)
     queries = torch.randn(50, 32, generator=g) * 3
     bank = MemoryBank.from_features(bank_vectors)
-    d2 = torch.cdist(queries.double(), bank_vectors.double()) ** 2  # (50, 200)
+    assert bank.backend == "faiss"  # the CPU default: the original's numbers
     for k in (1, 3):
-        expected = d2.topk(k, largest=False).values.mean(dim=1)
+        expected = _brute_force(queries, bank_vectors, k).mean(dim=1)
         torch.testing.assert_close(bank.patch_scores(queries, k).double(), expected, rtol=1e-4, atol=1e-4)
     bank.save(tmp_path / "bank.faiss")
     again = MemoryBank.load(tmp_path / "bank.faiss")
     assert torch.equal(again.vectors(), bank_vectors)
     assert torch.equal(again.patch_scores(queries, 3), bank.patch_scores(queries, 3))
+
+
+@pytest.mark.parametrize("k", [1, 2, 5])
+@pytest.mark.parametrize("block_bytes", [1 << 28, 4 * 7 * 13, 4 * 5])
+def test_torch_search_is_exact_with_any_chunking(k, block_bytes):
+    # 4*7*13 bytes: blocks of 7 queries x 13 bank rows (neither divides 45 or 101); 4*5: k rows at least.
+    g = torch.Generator().manual_seed(k)
+    bank_vectors = torch.randn(101, 24, generator=g)
+    queries = torch.cat([torch.randn(44, 24, generator=g) * 2, bank_vectors[:1]])  # one query in the bank: 0
+    bank = MemoryBank.from_features(bank_vectors, backend="torch")
+    bank.block_bytes = block_bytes
+    found = bank.search(queries, k)  # (45, k)
+    expected = _brute_force(queries, bank_vectors, k)
+    torch.testing.assert_close(found.double(), expected, rtol=1e-4, atol=1e-4)
+    assert found[-1, 0] < 1e-4 and bool((found.diff(dim=1) >= 0).all())  # its own row: ~0, as faiss's BLAS path
+    torch.testing.assert_close(found, MemoryBank.from_features(bank_vectors).search(queries, k), rtol=1e-5, atol=1e-4)
+
+
+def test_torch_search_never_builds_a_block_over_the_limit(monkeypatch):
+    sizes = []
+    addmm_ = torch.Tensor.addmm_
+
+    def recording_addmm_(self, *args, **kwargs):
+        sizes.append(self.numel() * self.element_size())
+        return addmm_(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "addmm_", recording_addmm_)
+    g = torch.Generator().manual_seed(1)
+    bank, queries = torch.randn(20000, 16, generator=g), torch.randn(50, 16, generator=g)
+    found = torch_knn(queries, bank, 3, block_bytes=64 * 1024)  # 16,384 distances: the bank in 2 chunks
+    assert max(sizes) <= 64 * 1024 and sum(sizes) == 50 * 20000 * 4  # every distance once, in blocks
+    torch.testing.assert_close(found.double(), _brute_force(queries, bank, 3), rtol=1e-4, atol=1e-4)
+
+
+def test_backend_choice_and_errors():
+    index = faiss.IndexFlatL2(8)
+    index.add(torch.randn(10, 8))
+    assert MemoryBank(index).backend == "faiss"
+    assert MemoryBank(index, "cpu", "torch").backend == "torch"
+    with pytest.raises(ValueError, match="auto, faiss or torch"):
+        MemoryBank(index, "cpu", "annoy")
+    if not memory_bank.gpu_faiss_available():
+        with pytest.raises(ValueError, match="faiss GPU build"):
+            MemoryBank(index, "cuda", "faiss")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_torch_search_matches_cpu_faiss():
+    g = torch.Generator().manual_seed(2)
+    bank_vectors, queries = torch.randn(4000, 64, generator=g), torch.randn(700, 64, generator=g)
+    gpu = MemoryBank.from_features(bank_vectors, "cuda", backend="torch")
+    found = gpu.search(queries.cuda(), 3)
+    assert found.is_cuda
+    expected = MemoryBank.from_features(bank_vectors).search(queries, 3)  # faiss on the CPU
+    torch.testing.assert_close(found.cpu(), expected, rtol=1e-5, atol=1e-4)
 
 
 def test_rejects_wrong_index_and_bad_queries(tmp_path):
@@ -31,8 +92,9 @@ def test_rejects_wrong_index_and_bad_queries(tmp_path):
     (tmp_path / "junk.faiss").write_bytes(b"not an index")
     with pytest.raises(ValueError, match="cannot read faiss index"):
         MemoryBank.load(tmp_path / "junk.faiss")
-    bank = MemoryBank.from_features(torch.randn(5, 8))
-    with pytest.raises(ValueError, match="dimension 7"):
-        bank.search(torch.randn(2, 7), 1)
-    with pytest.raises(ValueError, match="anomaly_scorer_num_nn=6"):
-        bank.search(torch.randn(2, 8), 6)
+    for backend in ("faiss", "torch"):
+        bank = MemoryBank.from_features(torch.randn(5, 8), backend=backend)
+        with pytest.raises(ValueError, match="dimension 7"):
+            bank.search(torch.randn(2, 7), 1)
+        with pytest.raises(ValueError, match="anomaly_scorer_num_nn=6"):
+            bank.search(torch.randn(2, 8), 6)
