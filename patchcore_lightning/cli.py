@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import ProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -267,10 +266,11 @@ class PatchCoreCLI(LightningCLI):
             dataset = datamodule.test_dataset
             strips = []
             for k in picks:
-                sample = dataset.samples[int(result["indices"][k])]
+                index = int(result["indices"][k])
+                sample = dataset.samples[index]
                 caption = f"{sample.anomaly}/{sample.image.name}  score {float(scores[k]):.4f}"
                 strips.append(
-                    overlay_strip(_display_image(dataset, sample), result["masks"][k].cpu().numpy(), result["maps"][k], caption)
+                    overlay_strip(dataset.display_image(index), result["masks"][k].cpu().numpy(), result["maps"][k], caption)
                 )
             writer.add_image(f"{name}/hardest_cases", review_grid(strips), step, dataformats="CHW")
         curves = {}
@@ -327,18 +327,11 @@ class PatchCoreCLI(LightningCLI):
     @staticmethod
     def _save_segmentation_images(datamodule: MVTecDataModule, result: dict, folder: Path) -> None:
         dataset = datamodule.test_dataset
-        samples = [dataset.samples[i] for i in result["indices"].tolist()]
-        images = [_display_image(dataset, s) for s in samples]
+        indices = result["indices"].tolist()
+        samples = [dataset.samples[i] for i in indices]
+        images = [dataset.display_image(i) for i in indices]
         write_segmentation_images(folder, samples, images, result["masks"], result["maps"], result["scores"])
         log.info("segmentation images written to %s", folder)
-
-
-def _display_image(dataset, sample) -> np.ndarray:
-    """The test image as the backbone saw it (resized and cropped), un-normalised. (S, S, 3) uint8"""
-    from PIL import Image
-
-    with Image.open(sample.image) as img:
-        return np.asarray(dataset.mask_transform(img.convert("RGB")), dtype=np.uint8)
 
 
 def _print_table(rows: dict[str, dict[str, float]]) -> None:

@@ -21,6 +21,7 @@ __all__ = [
     "ModelFormatError",
     "PatchCoreParams",
     "find_members",
+    "member_prefix",
     "read_params",
     "read_sidecar",
     "safe_unpickle",
@@ -137,6 +138,11 @@ class MemberFiles:
     index: Path
 
 
+def member_prefix(i: int, n: int) -> str:
+    """The file-name prefix of member ``i`` (1-based) of an ``n``-member folder; none for one model."""
+    return "" if n == 1 else f"Ensemble-{i}-{n}_"
+
+
 def find_members(folder: str | os.PathLike) -> list[MemberFiles]:
     """The members of a model folder, in ensemble order (one for a single model)."""
     folder = Path(folder)
@@ -145,9 +151,8 @@ def find_members(folder: str | os.PathLike) -> list[MemberFiles]:
     n = len([f for f in os.listdir(folder) if f.endswith(".faiss")])
     if n == 0:
         raise ModelFormatError(f"{folder}: no .faiss index (expected {INDEX_FILE} and {PARAMS_FILE})")
-    prefixes = [""] if n == 1 else [f"Ensemble-{i}-{n}_" for i in range(1, n + 1)]
     members = []
-    for prefix in prefixes:
+    for prefix in (member_prefix(i, n) for i in range(1, n + 1)):
         params, index = folder / f"{prefix}{PARAMS_FILE}", folder / f"{prefix}{INDEX_FILE}"
         for path in (params, index):
             if not path.is_file():

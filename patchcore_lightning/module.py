@@ -8,9 +8,11 @@ import platform
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import lightning as L
 import numpy as np
 import torch
+import torchvision
 from torch import nn
 
 from .anomaly_map import segmentation_maps
@@ -18,7 +20,7 @@ from .backbones import BackboneWeights, WeightsError, build_feature_extractor, l
 from .coreset import SamplerName, subsample
 from .embedding import embed
 from .memory_bank import MemoryBank, gpu_faiss_available, warn_gpu_unavailable
-from .metrics import METRIC_NAMES, PatchCoreEvaluation
+from .metrics import PatchCoreEvaluation
 from .model_io import (
     INDEX_FILE,
     PARAMS_FILE,
@@ -26,6 +28,7 @@ from .model_io import (
     ModelFormatError,
     PatchCoreParams,
     find_members,
+    member_prefix,
     read_params,
     read_sidecar,
     write_params,
@@ -284,18 +287,8 @@ class PatchCoreModule(L.LightningModule):
         members = []
         for params in self.member_params(imagesize):
             key = self._extractor(params)
-            extractor = self.extractors[key].to(device)
-            feats = []
-            for images, *_ in loader:
-                layer_maps = extractor(images.to(device).float())
-                f, _ = embed(
-                    [layer_maps[layer] for layer in params.layers],
-                    params.patchsize,
-                    params.patchstride,
-                    params.pretrain_embed_dimension,
-                    params.target_embed_dimension,
-                )
-                feats.append(f.cpu())
+            self.extractors[key].to(device)
+            feats = [self._patch_features(key, params, images.to(device).float())[0].cpu() for images, *_ in loader]
             features = torch.cat(feats)  # (N_train * h * w, D)
             generator = torch.Generator(device=features.device).manual_seed(seed)
             keep = subsample(features, self.sampler, self.percentage, generator)
@@ -312,12 +305,9 @@ class PatchCoreModule(L.LightningModule):
         folder.mkdir(parents=True, exist_ok=True)
         n = len(members)
         for i, member in enumerate(members, start=1):
-            prefix = "" if n == 1 else f"Ensemble-{i}-{n}_"
+            prefix = member_prefix(i, n)
             write_params(folder / f"{prefix}{PARAMS_FILE}", member.params)
             member.bank.save(folder / f"{prefix}{INDEX_FILE}")
-        import faiss
-        import torchvision
-
         sidecar = {
             "weights_sha256": {m.params.backbone: self.weights_sha256.get(m.params.backbone) for m in members},
             "backbone_weights": self.backbone_weights,
@@ -338,20 +328,26 @@ class PatchCoreModule(L.LightningModule):
         return folder
 
     # ----------------------------------------------------------------- the computation
+    def _patch_features(
+        self, key: str, p: PatchCoreParams, images: torch.Tensor
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images (B, 3, H, W) → patch features (B*h*w, D) and the grid (h, w), as fit and test see them."""
+        layer_maps = self.extractors[key](images)  # {layer: (B, C, h, w)}
+        return embed(
+            [layer_maps[layer] for layer in p.layers],
+            p.patchsize,
+            p.patchstride,
+            p.pretrain_embed_dimension,
+            p.target_embed_dimension,
+        )
+
     def member_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Raw image scores (B, M) and segmentations (B, M, H, W) of every member."""
         B, _, H, W = images.shape
         scores, maps = [], []
         for member in self.members:
             p = member.params
-            layer_maps = self.extractors[member.extractor_key](images)  # {layer: (B, C, h, w)}
-            feats, (h, w) = embed(
-                [layer_maps[layer] for layer in p.layers],
-                p.patchsize,
-                p.patchstride,
-                p.pretrain_embed_dimension,
-                p.target_embed_dimension,
-            )  # (B*h*w, D)
+            feats, (h, w) = self._patch_features(member.extractor_key, p, images)  # (B*h*w, D)
             patch = member.bank.patch_scores(feats, p.anomaly_scorer_num_nn).view(B, h, w)  # (B, h, w)
             scores.append(patch.flatten(1).amax(dim=1))  # (B,)
             maps.append(segmentation_maps(patch, (H, W)))  # (B, H, W)

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from patchcore_lightning.cli import main
 from patchcore_lightning.reporting import RESULTS_COLUMNS, read_results

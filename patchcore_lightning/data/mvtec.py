@@ -116,6 +116,10 @@ class MVTecDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def display_image(self, index: int) -> np.ndarray:
+        """The image as the backbone saw it (resized and cropped), un-normalised. (S, S, 3) uint8"""
+        return np.asarray(self.mask_transform(_open(self.samples[index].image, "RGB")), dtype=np.uint8)
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         sample = self.samples[index]
         image = _open(sample.image, "RGB")
