@@ -12,39 +12,38 @@ import math
 
 import torch
 from torchmetrics import Metric
-from torchmetrics.functional.classification import binary_auroc
 
 from .anomaly_map import minmax_normalise
-from .pro import aupro
+from .pro import aupro_from_counts, region_weights
+from .ranking import auroc_from_counts, binary_auroc_exact, count_below, order_keys, sorted_keys
 
-__all__ = ["METRIC_NAMES", "PatchCoreEvaluation", "ensemble", "pixel_auroc_and_pro", "safe_binary_auroc"]
+__all__ = ["METRIC_NAMES", "PatchCoreEvaluation", "ensemble", "pixel_metrics", "safe_binary_auroc"]
 
 log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("instance_auroc", "full_pixel_auroc", "full_pro", "anomaly_pixel_auroc", "anomaly_pro")
+PRO_FPR_LIMIT = 0.3  # the original's and MVTec AD's integration limit
+
+
+def _check_normalised(scores: torch.Tensor, what: str) -> None:
+    """torchmetrics' AUROC applies a sigmoid to scores outside [0, 1]; ours is rank-based, but scores
+    outside [0, 1] here mean the normalisation of the original was skipped somewhere."""
+    if not bool(((scores >= 0) & (scores <= 1)).all()):  # NaN fails too
+        raise ValueError(f"{what}: AUROC inputs must be normalised to [0, 1]")
+
+
+def _undefined(what: str, positives: int, total: int) -> float:
+    log.warning("%s is undefined: the targets hold only one class (%d of %d positive)", what, positives, total)
+    return math.nan
 
 
 def safe_binary_auroc(scores: torch.Tensor, targets: torch.Tensor, what: str) -> float:
-    """Exact AUROC of scores in [0, 1] against binary targets; NaN (with a warning) if one class is absent.
-
-    torchmetrics applies a sigmoid to scores outside [0, 1], which would silently change the
-    ranking-free normalisation of the original; the inputs here are normalised, and this is checked.
-    """
-    scores, targets = scores.reshape(-1), targets.reshape(-1)
-    if not bool(((scores >= 0) & (scores <= 1)).all()):
-        raise ValueError(f"{what}: AUROC inputs must be normalised to [0, 1]")
-    positives = int(targets.sum())
-    if positives == 0 or positives == targets.numel():
-        log.warning("%s is undefined: the targets hold only one class (%d of %d positive)", what, positives, targets.numel())
-        return math.nan
-    return float(binary_auroc(scores.double(), targets.long(), thresholds=None, validate_args=False))
-
-
-def _safe_aupro(maps: torch.Tensor, gt: torch.Tensor, what: str) -> float:
-    if not bool(gt.any()) or bool(gt.all()):
-        log.warning("%s is undefined: the ground truth holds only one class", what)
-        return math.nan
-    return float(aupro(maps, gt, fpr_limit=0.3))
+    """Exact AUROC of scores in [0, 1] against binary targets; NaN (with a warning) if one class is absent."""
+    _check_normalised(scores, what)
+    result = binary_auroc_exact(scores, targets)
+    if math.isnan(result):
+        return _undefined(what, int(targets.sum()), targets.numel())
+    return result
 
 
 def ensemble(scores: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -60,16 +59,48 @@ def ensemble(scores: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, to
     return norm_scores, norm_maps
 
 
-def pixel_auroc_and_pro(maps: torch.Tensor, masks: torch.Tensor, prefix: str) -> dict[str, float]:
-    """Pixel AUROC and AUPRO of normalised maps (N, H, W) against 0..255 masks (N, H, W).
+def pixel_metrics(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
+    """Full and anomaly-only pixel AUROC and AUPRO of normalised maps (N, H, W) against 0..255 masks (N, H, W).
 
-    As the original: a pixel is anomalous only where the resized mask is exactly 1.0 (255).
+    As the original: a pixel is anomalous only where the resized mask is exactly 255 (its float mask
+    1.0); "anomaly" restricts all four numbers to the images whose mask has any non-zero pixel.
+    Undefined numbers are NaN, with a warning.
+
+    One sort serves all four: the pixels of the anomaly-only images and those of the others are
+    sorted apart, so counts over either set, or over both, come from binary searches (``ranking``).
     """
-    gt = masks == 255  # (N, H, W) bool
-    return {
-        f"{prefix}_pixel_auroc": safe_binary_auroc(maps, gt, f"{prefix}_pixel_auroc"),
-        f"{prefix}_pro": _safe_aupro(maps, gt, f"{prefix}_pro"),
-    }
+    _check_normalised(maps, "pixel_auroc")
+    gt = masks == 255  # (N, H, W) anomalous pixels
+    in_subset = (masks != 0).flatten(1).any(dim=1)  # (N,) the images of the anomaly-only metrics
+    weights, num_regions = region_weights(gt)  # (P,) in raster order, K regions
+    positives, order = torch.sort(order_keys(maps[gt]))  # (P,) ascending
+    weights = weights[order]  # (P,)
+    P = positives.numel()
+    pos_less, pos_at_most = count_below(positives, positives)  # (P,)
+    # every anomalous pixel lies in the subset; the other images only add normal pixels
+    sub_less, sub_at_most = count_below(sorted_keys(maps[in_subset]), positives)  # (P,)
+    rest_less, rest_at_most = count_below(sorted_keys(maps[~in_subset]), positives)  # (P,)
+    sets = {"full": (sub_less + rest_less, sub_at_most + rest_at_most, gt.numel())}
+    result = {}
+    if bool(in_subset.any()):
+        sets["anomaly"] = (sub_less, sub_at_most, int(in_subset.sum()) * gt[0].numel())
+    else:
+        log.warning("no test image has an anomalous ground-truth pixel: anomaly-only metrics are undefined")
+        result.update({"anomaly_pixel_auroc": math.nan, "anomaly_pro": math.nan})
+    for prefix, (less, at_most, num_pixels) in sets.items():
+        neg_less, neg_at_most, num_normal = less - pos_less, at_most - pos_at_most, num_pixels - P  # (P,), (P,)
+        auroc = auroc_from_counts(neg_less, neg_at_most, num_normal)
+        if math.isnan(auroc):
+            result[f"{prefix}_pixel_auroc"] = _undefined(f"{prefix}_pixel_auroc", P, num_pixels)
+            log.warning("%s_pro is undefined: the ground truth holds only one class", prefix)
+            result[f"{prefix}_pro"] = math.nan
+            continue
+        result[f"{prefix}_pixel_auroc"] = auroc
+        pro = aupro_from_counts(
+            pos_less, pos_at_most, neg_less, neg_at_most, weights, num_normal, num_regions, PRO_FPR_LIMIT
+        )
+        result[f"{prefix}_pro"] = float(pro)
+    return {name: result[name] for name in METRIC_NAMES[1:]}
 
 
 class PatchCoreEvaluation(Metric):
@@ -116,14 +147,8 @@ class PatchCoreEvaluation(Metric):
         raw_scores, raw_maps = cat(self.raw_scores)[order], cat(self.raw_maps)[order]
         masks, labels = cat(self.masks)[order], cat(self.labels)[order]
         scores, maps = ensemble(raw_scores, raw_maps)
-        anomalous = (masks != 0).flatten(1).any(dim=1)  # (N,) images whose mask has any non-zero pixel
         result = {"instance_auroc": safe_binary_auroc(scores, labels, "instance_auroc")}
-        result.update(pixel_auroc_and_pro(maps, masks, "full"))
-        if bool(anomalous.any()):
-            result.update(pixel_auroc_and_pro(maps[anomalous], masks[anomalous], "anomaly"))
-        else:
-            log.warning("no test image has an anomalous ground-truth pixel: anomaly-only metrics are undefined")
-            result.update({"anomaly_pixel_auroc": math.nan, "anomaly_pro": math.nan})
+        result.update(pixel_metrics(maps, masks))
         result.update(
             indices=indices, labels=labels, raw_scores=raw_scores, scores=scores, maps=maps, masks=masks
         )

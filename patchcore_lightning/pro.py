@@ -14,15 +14,20 @@ scores 1. This is exactly ``compute_pro`` + ``trapezoid`` of MVTec's official
 ``mvtec_ad_evaluation`` code: every distinct score is a threshold (no binning), equal scores
 collapse into one curve point, and curve values are clipped to <= 1.
 
-Both functions are pure tensor functions that stay on the input's device.
+The curve is read off ranks (``ranking``): one sort of the keys of all pixels, then for each
+anomalous pixel the number of pixels scoring below it and at most it. Between two scores of
+anomalous pixels pro is constant, so those stretches are integrated as one trapezoid each.
+
+All functions are pure tensor functions that stay on the input's device.
 """
 
-import math
 import numbers
 
 import torch
 
-__all__ = ["aupro", "label_components"]
+from .ranking import count_below, order_keys
+
+__all__ = ["aupro", "aupro_from_counts", "label_components", "region_weights"]
 
 # The four "forward" 8-neighbour offsets (dy, dx); the other four are their mirror images,
 # so one edge per neighbouring pair is enough.
@@ -53,6 +58,39 @@ def _neighbour_pairs(fg: torch.Tensor, fg_index: torch.Tensor) -> tuple[torch.Te
     return torch.cat(us).long(), torch.cat(vs).long()
 
 
+def _foreground_components(fg: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Component of every foreground pixel of (N, H, W) bool ``fg``, in raster order over the batch.
+
+    → ``(component, K)``: (F,) int64 in 1..K (see ``label_components`` for the numbering), K an int.
+    """
+    device = fg.device
+    fg_flat = fg.reshape(-1)  # (N*H*W,)
+    # int32 halves the memory traffic of this dense pass where the batch allows it
+    index_dtype = torch.int32 if fg_flat.numel() < 2**31 else torch.int64
+    fg_index = torch.cumsum(fg_flat, 0, dtype=index_dtype) - 1  # (N*H*W,) rank among fg pixels
+    F = int(fg_index[-1]) + 1 if fg_flat.numel() else 0
+    u, v = _neighbour_pairs(fg, fg_index.view(fg.shape))  # (E,), (E,) int64
+    del fg_index
+
+    # parent[p] >= p and lies in p's component; roots are the fixed points parent[r] == r.
+    parent = torch.arange(F, device=device)  # (F,)
+    while u.numel():
+        pu, pv = parent[u], parent[v]  # (E,) roots of both ends (parent is compressed)
+        parent.scatter_reduce_(0, torch.minimum(pu, pv), torch.maximum(pu, pv), reduce="amax")
+        while True:  # pointer jumping until every pixel points at a root
+            grandparent = parent[parent]  # (F,)
+            if torch.equal(grandparent, parent):
+                break
+            parent = grandparent
+        # two pixels with the same root keep sharing one, so their edge is settled for good
+        unsettled = parent[u] != parent[v]  # (E,)
+        u, v = u[unsettled], v[unsettled]
+
+    is_root = parent == torch.arange(F, device=device)  # (F,)
+    component_of_root = torch.cumsum(is_root, 0)  # (F,) 1..K at the roots
+    return component_of_root[parent], int(is_root.sum())
+
+
 def label_components(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """8-connected component labelling of a batch of binary masks, in torch.
 
@@ -81,34 +119,20 @@ def label_components(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     if masks.dim() != 3:
         raise ValueError(f"masks must be (N, H, W), got shape {tuple(masks.shape)}")
     fg = masks != 0  # (N, H, W)
-    device = masks.device
+    component, K = _foreground_components(fg)  # (F,)
+    labels = torch.zeros(fg.shape, dtype=torch.int64, device=masks.device)  # (N, H, W)
+    labels[fg] = component
+    return labels, torch.tensor(K, device=masks.device)
 
-    fg_flat = fg.reshape(-1)  # (N*H*W,)
-    # int32 halves the memory traffic of this dense pass where the batch allows it
-    index_dtype = torch.int32 if fg_flat.numel() < 2**31 else torch.int64
-    fg_index = torch.cumsum(fg_flat, 0, dtype=index_dtype) - 1  # (N*H*W,) rank among fg pixels
-    F = int(fg_index[-1]) + 1 if fg_flat.numel() else 0
-    u, v = _neighbour_pairs(fg, fg_index.view(fg.shape))  # (E,), (E,) int64
 
-    # parent[p] >= p and lies in p's component; roots are the fixed points parent[r] == r.
-    parent = torch.arange(F, device=device)  # (F,)
-    while u.numel():
-        pu, pv = parent[u], parent[v]  # (E,) roots of both ends (parent is compressed)
-        parent.scatter_reduce_(0, torch.minimum(pu, pv), torch.maximum(pu, pv), reduce="amax")
-        while True:  # pointer jumping until every pixel points at a root
-            grandparent = parent[parent]  # (F,)
-            if torch.equal(grandparent, parent):
-                break
-            parent = grandparent
-        # two pixels with the same root keep sharing one, so their edge is settled for good
-        unsettled = parent[u] != parent[v]  # (E,)
-        u, v = u[unsettled], v[unsettled]
+def region_weights(fg: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Each foreground pixel's share of the PRO: 1 / size of its 8-connected region.
 
-    is_root = parent == torch.arange(F, device=device)  # (F,)
-    component_of_root = torch.cumsum(is_root, 0)  # (F,) 1..K at the roots
-    labels = torch.zeros(fg_flat.shape, dtype=torch.int64, device=device)  # (N*H*W,)
-    labels[fg_flat] = component_of_root[parent]
-    return labels.view(fg.shape), is_root.sum()
+    (N, H, W) bool → ``(weights, K)``: (F,) float64 in raster order over the batch, K regions.
+    """
+    component, K = _foreground_components(fg)  # (F,) 1..K
+    sizes = torch.bincount(component, minlength=K + 1)  # (K + 1,)
+    return 1.0 / sizes.to(torch.float64)[component], K
 
 
 def _trapezoid(x: torch.Tensor, y: torch.Tensor, x_max: float) -> torch.Tensor:
@@ -161,6 +185,46 @@ def _validate(scores: torch.Tensor, masks: torch.Tensor, fpr_limit: float) -> No
         )
 
 
+def aupro_from_counts(
+    pos_less: torch.Tensor,
+    pos_at_most: torch.Tensor,
+    neg_less: torch.Tensor,
+    neg_at_most: torch.Tensor,
+    weights: torch.Tensor,
+    num_normal: int,
+    num_regions: int,
+    fpr_limit: float,
+) -> torch.Tensor:
+    """AUPRO from the ranks of the anomalous pixels, sorted by ascending score (ties in any order).
+
+    For each of the P anomalous pixels: how many anomalous (``pos_*``) and how many normal
+    (``neg_*``) pixels score below it (``*_less``) and at most it (``*_at_most``), all (P,) int64,
+    and its ``weights`` (P,) float64, 1 / size of its region. ``num_normal`` > 0 and
+    ``num_regions`` > 0. Returns a 0-d float64 tensor.
+
+    The curve only changes slope at scores that some anomalous pixel has: between two such scores
+    pro stays put while fpr grows. So the curve is kept at two points per distinct anomalous score
+    u, "just above u" and "at u", and the straight stretches between them are single trapezoids
+    (equal to the sum of the original's thin ones, up to float rounding).
+    """
+    P = pos_less.numel()
+    first = pos_less == torch.arange(P, device=pos_less.device)  # (P,) first pixel of each distinct score
+    a_less, a_at_most = pos_less[first].flip(0), pos_at_most[first].flip(0)  # (E,) highest score first
+    n_less, n_at_most = neg_less[first].flip(0), neg_at_most[first].flip(0)  # (E,)
+    # detected share of the regions once the anomalous pixels of rank >= k are above threshold,
+    # summed from the highest score down as MVTec's cumulative sum does: (P + 1,)
+    reached = torch.cat([weights.flip(0).cumsum(0).flip(0), weights.new_zeros(1)]) / num_regions
+    fpr_above = (num_normal - n_at_most).to(torch.float64) / num_normal  # (E,) threshold just above u
+    fpr_at = (num_normal - n_less).to(torch.float64) / num_normal  # (E,) threshold u
+    x = torch.stack([fpr_above, fpr_at], dim=1).reshape(-1)  # (2E,) ascending
+    y = torch.stack([reached[a_at_most], reached[a_less]], dim=1).reshape(-1)  # (2E,)
+    zero, one = x.new_zeros(1), x.new_ones(1)
+    # from the lowest anomalous score on, the remaining normals only move fpr to 1; then MVTec's (1, 1)
+    x = torch.cat([zero, x.clamp_(max=1.0), one, one])  # (2E + 3,)
+    y = torch.cat([zero, y.clamp_(max=1.0), y[-1:], one])  # (2E + 3,)
+    return _trapezoid(x, y, fpr_limit) / fpr_limit
+
+
 @torch.no_grad()
 def aupro(scores: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> torch.Tensor:
     """Area under the per-region-overlap curve up to ``fpr_limit``, normalised to [0, 1].
@@ -183,45 +247,18 @@ def aupro(scores: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> 
             images only, PRO has no meaning and the caller has to skip the metric).
     """
     _validate(scores, masks, fpr_limit)
-    fpr_limit = float(fpr_limit)
-    labels, num_regions = label_components(masks)  # (N, H, W), ()
-    labels = labels.reshape(-1)  # (N*H*W,)
-    scores = scores.reshape(-1)  # (N*H*W,)
-    num_regions = int(num_regions)
-    region_size = torch.bincount(labels, minlength=num_regions + 1)  # (K + 1,) [0]: normal
-    num_normal = int(region_size[0])
+    fg = masks != 0  # (N, H, W)
+    weights, num_regions = region_weights(fg)  # (P,) in raster order
+    num_normal = fg.numel() - weights.numel()
     if num_normal == 0:
-        raise ValueError(f"masks have no normal pixel (all {labels.numel()} pixels are 1)")
+        raise ValueError(f"masks have no normal pixel (all {fg.numel()} pixels are 1)")
     if num_regions == 0:
-        raise ValueError(f"masks have no anomalous region (all {labels.numel()} pixels are 0)")
-
-    # The integral needs the curve only down to the first threshold whose fpr exceeds
-    # fpr_limit. At `floor`, the m-th highest normal score, fpr >= m / num_normal > fpr_limit
-    # already (the +1 in m is slack for rounding), so that threshold is >= floor and pixels
-    # scoring below floor can be left out of the sort. On the CPU this spares most of the
-    # sort; on CUDA kthvalue costs more than a full sort, so the shortcut is skipped there.
-    m = min(num_normal, math.ceil(fpr_limit * num_normal) + 1)
-    if m < num_normal and scores.device.type == "cpu":
-        normal_scores = scores[labels == 0]  # (num_normal,)
-        floor = torch.kthvalue(normal_scores, num_normal - m + 1).values
-        used = scores >= floor  # (N*H*W,) keeps whole runs of equal scores
-        scores, labels = scores[used], labels[used]  # (P,)
-
-    # each region pixel adds 1 / size(region) / num_regions to the pro once it is detected
-    weight = torch.where(labels == 0, 0.0, 1.0 / region_size[labels].to(torch.float64))  # (P,)
-    sorted_scores, order = torch.sort(scores, descending=True)  # (P,)
-    weight = weight[order]  # (P,)
-    is_normal = weight == 0  # (P,)
-    fpr = torch.cumsum(is_normal, 0).to(torch.float64) / num_normal  # (P,)
-    pro = torch.cumsum(weight, 0) / num_regions  # (P,)
-
-    # a run of equal scores is one threshold: keep its last point, which counts the whole run
-    keep = torch.ones_like(is_normal)  # (P,)
-    keep[:-1] = sorted_scores[1:] != sorted_scores[:-1]
-    fpr, pro = fpr[keep].clamp_(max=1.0), pro[keep].clamp_(max=1.0)  # (T,)
-
-    zero = torch.zeros(1, dtype=torch.float64, device=fpr.device)
-    one = torch.ones(1, dtype=torch.float64, device=fpr.device)
-    fpr = torch.cat([zero, fpr, one])  # (T + 2,)
-    pro = torch.cat([zero, pro, one])  # (T + 2,)
-    return _trapezoid(fpr, pro, fpr_limit) / fpr_limit
+        raise ValueError(f"masks have no anomalous region (all {fg.numel()} pixels are 0)")
+    keys = order_keys(scores)  # (N, H, W)
+    positives, order = torch.sort(keys[fg])  # (P,) ascending
+    less, at_most = count_below(torch.sort(keys.reshape(-1)).values, positives)  # (P,) all pixels
+    pos_less, pos_at_most = count_below(positives, positives)  # (P,) anomalous pixels
+    return aupro_from_counts(
+        pos_less, pos_at_most, less - pos_less, at_most - pos_at_most, weights[order], num_normal, num_regions,
+        float(fpr_limit),
+    )

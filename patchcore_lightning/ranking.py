@@ -1,0 +1,93 @@
+"""Exact rank statistics of scores against binary targets, from sorted integer keys.
+
+Notation: n scores, P positives, Q = n - P negatives.
+
+Every number here depends on the scores' order only. Scores are mapped to integer keys with the
+same order (``order_keys``): torch sorts integers by radix sort, several times faster than a float
+sort on a CPU, and no float64 copy is needed. The n keys are sorted once; each positive then
+learns, by binary search, how many scores lie below it and how many tie with it. Everything else
+is arithmetic on those P counts, so a pass costs one sort plus O(P log n), and the positives (the
+anomalous pixels) are usually a small share of the pixels.
+
+AUROC is the area under the ROC curve through every distinct score (the trapezoid rule, a run of
+tied scores forming one diagonal segment): sklearn's ``roc_auc_score``, torchmetrics' exact
+``binary_auroc``. That area is the Mann-Whitney statistic U / (P * Q), where each
+positive-negative pair counts 1 when the positive scores higher and 1/2 when they tie. 2U is an
+integer: it is summed in int64 and divided once, so the result is the correctly rounded float of
+the exact area.
+
+All functions are pure tensor functions that stay on the input's device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["auroc_from_counts", "binary_auroc_exact", "count_below", "order_keys", "sorted_keys"]
+
+
+def order_keys(scores: torch.Tensor) -> torch.Tensor:
+    """Integers ordered as the scores: ``a < b`` iff ``key(a) < key(b)``, and ``a == b`` iff the keys are equal.
+
+    (*) real → (*) int32 for float32, float16 and bfloat16 scores (float32 holds the latter two
+    exactly), int64 for float64 and integer scores. A float's bits read as a signed integer are
+    ordered like the float for non-negative values and in reverse for negative ones; flipping all
+    bits but the sign of the negative ones fixes that. -0.0 becomes +0.0 first (they are equal).
+    NaN has no place in an order: callers reject it before.
+    """
+    if scores.is_complex() or scores.dtype == torch.bool:
+        raise ValueError(f"scores must be real numbers, got dtype {scores.dtype}")
+    if not scores.is_floating_point():
+        return scores.long()
+    if scores.dtype == torch.float64:
+        int_type, sign_shift = torch.int64, 63
+    else:
+        int_type, sign_shift = torch.int32, 31
+        scores = scores.float()
+    bits = (scores + 0.0).view(int_type)  # a new tensor: the in-place ops below touch nothing else
+    low_bits = (1 << sign_shift) - 1  # all bits but the sign
+    return bits.bitwise_xor_(bits.bitwise_right_shift(sign_shift).bitwise_and_(low_bits))
+
+
+def sorted_keys(scores: torch.Tensor) -> torch.Tensor:
+    """``order_keys`` of all the scores (any shape), ascending. → (n,)"""
+    return torch.sort(order_keys(scores.reshape(-1))).values
+
+
+def count_below(sorted_keys: torch.Tensor, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How many keys lie below each query, and how many at or below it.
+
+    sorted_keys (n,) ascending, queries (P,) of the same dtype → ``(less, at_most)``, (P,) int64 each.
+    """
+    return (
+        torch.searchsorted(sorted_keys, queries, right=False),
+        torch.searchsorted(sorted_keys, queries, right=True),
+    )
+
+
+def auroc_from_counts(neg_less: torch.Tensor, neg_at_most: torch.Tensor, num_negatives: int) -> float:
+    """Exact AUROC from, for every positive, the number of negatives scoring below it and at most it.
+
+    neg_less, neg_at_most: (P,) int64. Returns NaN when either class is empty (the curve is
+    undefined then); the caller decides whether to warn.
+    """
+    P, Q = neg_less.numel(), int(num_negatives)
+    if P == 0 or Q == 0:
+        return float("nan")
+    # a positive beats the negatives below it (1 each) and ties those equal to it (1/2 each):
+    # 2U = sum(2 * less + ties) = sum(less + at_most), at most 2PQ, which int64 holds for n < 2**32
+    twice_u = int((neg_less + neg_at_most).sum())
+    return twice_u / (2 * P * Q)  # Python ints: the exact ratio, rounded once
+
+
+def binary_auroc_exact(scores: torch.Tensor, targets: torch.Tensor) -> float:
+    """Exact AUROC of real scores (any shape) against binary targets of the same shape; NaN for one class."""
+    scores, positive = scores.reshape(-1), targets.reshape(-1).bool()  # (n,), (n,)
+    if scores.numel() >= 2**32:
+        raise ValueError(f"{scores.numel()} scores are too many for an exact AUROC in int64 (at most 2**32 - 1)")
+    keys = order_keys(scores)  # (n,)
+    everything = torch.sort(keys).values  # (n,)
+    positives = torch.sort(keys[positive]).values  # (P,)
+    less, at_most = count_below(everything, positives)  # (P,) all scores
+    pos_less, pos_at_most = count_below(positives, positives)  # (P,) positive scores
+    return auroc_from_counts(less - pos_less, at_most - pos_at_most, scores.numel() - positives.numel())
