@@ -7,11 +7,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms
 
-from .mvtec import IMAGE_EXTENSIONS, IMAGENET_MEAN, IMAGENET_STD, DataError
+from .mvtec import _IMAGE_MODES, IMAGE_EXTENSIONS, DataError, _read, _ResizeCrop, _to_normalized_tensor
 
 __all__ = ["ImageFolderDataset", "list_images"]
 
@@ -41,14 +39,7 @@ class ImageFolderDataset(Dataset):
         self.root = Path(root)
         self.paths = list_images(self.root)
         self.imagesize = imagesize
-        self.transform = transforms.Compose(
-            [
-                transforms.Resize(resize),
-                transforms.CenterCrop(imagesize),
-                transforms.ToTensor(),
-                transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-            ]
-        )
+        self.geometry = _ResizeCrop(resize, imagesize)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -58,14 +49,12 @@ class ImageFolderDataset(Dataset):
 
     def display_image(self, index: int) -> np.ndarray:
         """The image as the backbone saw it (resized and cropped), un-normalised. (S, S, 3) uint8"""
-        resize, crop = self.transform.transforms[:2]
-        with Image.open(self.paths[index]) as img:
-            return np.asarray(crop(resize(img.convert("RGB"))), dtype=np.uint8)
+        image = self.geometry(_read(self.paths[index], _IMAGE_MODES))
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
         try:
-            with Image.open(self.paths[index]) as img:
-                image = img.convert("RGB")
+            image = _read(self.paths[index], _IMAGE_MODES)
         except Exception as err:  # unreadable or truncated: reported, not fatal
             return torch.zeros(3, self.imagesize, self.imagesize), index, f"{type(err).__name__}: {err}"
-        return self.transform(image), index, ""
+        return _to_normalized_tensor(self.geometry(image)), index, ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from fractions import Fraction
 from pathlib import Path
 
 import lightning as L
@@ -89,12 +90,92 @@ def list_samples(root: str | os.PathLike, category: str, split: str = "test") ->
     return samples
 
 
-def _open(path: Path, mode: str) -> Image.Image:
+def _read(path: Path, modes: tuple[str, ...]) -> Image.Image:
+    """The image in ``path``: as is if its mode is one of ``modes``, else converted to ``modes[0]``.
+
+    Pixel for pixel ``Image.open(path).convert(modes[0])`` when the mode is ``modes[0]``, without
+    convert's copy; raises what that raises (PIL decodes lazily: truncated files fail in ``load``).
+    """
+    with Image.open(path) as img:
+        if img.mode not in modes:
+            return img.convert(modes[0])
+        img.load()
+        return img
+
+
+def _open(path: Path, modes: tuple[str, ...]) -> Image.Image:
     try:
-        with Image.open(path) as img:
-            return img.convert(mode)  # convert() loads the pixels: truncated files fail here
+        return _read(path, modes)
     except Exception as err:
         raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
+
+
+# An 8-bit gray image stays L: convert("RGB") copies the gray value into R, G and B, and resizing
+# and cropping commute with that (PIL resamples every band with the same integer arithmetic), so
+# ``_to_normalized_tensor`` copies it after resizing, and PIL resizes one band instead of three.
+_IMAGE_MODES = ("RGB", "L")
+
+
+def _exact_box(in_size: int, out_size: int, offset: int, crop: int) -> tuple[float, float] | None:
+    """The source interval of output pixels ``offset .. offset + crop`` of a resize to ``out_size``.
+
+    PIL resizing only that interval (``resize(box=...)``) computes the very filter weights of the
+    full resize where every pixel centre it derives from the box, in float32 and double, is exact:
+    true when the scale is a dyadic rational p / 2^e and (2 out_size + 1) p < 2^24 (1024, 900 or
+    700 resized to 256, say; not 1024 resized to 366). None otherwise.
+    """
+    scale = Fraction(in_size, out_size)
+    q = scale.denominator
+    if q & (q - 1) or (2 * out_size + 1) * scale.numerator >= 2**24:
+        return None
+    return float(offset * scale), float((offset + crop) * scale)
+
+
+class _ResizeCrop:
+    """``Resize(resize)`` then ``CenterCrop(imagesize)`` of a PIL image, bit for bit as torchvision.
+
+    Where exact (``_exact_box``), resizes only the cropped region: 224^2 output pixels instead of
+    256^2, and no crop. Other modes than RGB and L (where PIL resizes otherwise) take torchvision's way.
+    """
+
+    def __init__(self, resize: int, imagesize: int) -> None:
+        self.resize = resize
+        self.imagesize = imagesize
+        self.reference = transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(imagesize)])
+        self._boxes: dict[tuple[int, int], tuple[float, float, float, float] | None] = {}
+
+    def _box(self, W: int, H: int) -> tuple[float, float, float, float] | None:
+        # torchvision's sizes: the shorter side becomes `resize`, the longer int(resize * long / short);
+        # the crop starts at round((side - imagesize) / 2)
+        S = self.imagesize
+        if W <= H:
+            w, h = self.resize, int(self.resize * H / W)
+        else:
+            w, h = int(self.resize * W / H), self.resize
+        if w == W or h == H or S > w or S > h:  # not resized along an axis, or padded: not our case
+            return None
+        left, top = round((w - S) / 2), round((h - S) / 2)
+        x, y = _exact_box(W, w, left, S), _exact_box(H, h, top, S)
+        return None if x is None or y is None else (x[0], y[0], x[1], y[1])
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if img.size not in self._boxes:
+            self._boxes[img.size] = self._box(*img.size)
+        box = self._boxes[img.size]
+        if box is None or img.mode not in ("RGB", "L"):
+            return self.reference(img)
+        return img.resize((self.imagesize, self.imagesize), Image.BILINEAR, box=box)
+
+
+def _to_normalized_tensor(img: Image.Image) -> torch.Tensor:
+    """``ToTensor`` and ImageNet ``Normalize`` (same float ops, so same bits) of an RGB or L image. (3, S, S)"""
+    pixels = torch.from_numpy(np.array(img, dtype=np.uint8))  # (S, S, 3) or (S, S)
+    if pixels.ndim == 2:
+        pixels = pixels.unsqueeze(2).expand(-1, -1, 3)  # L -> RGB as convert("RGB"): (S, S, 3)
+    image = pixels.permute(2, 0, 1).contiguous().to(torch.get_default_dtype()).div(255)  # (3, S, S)
+    mean = torch.as_tensor(IMAGENET_MEAN, dtype=image.dtype).view(-1, 1, 1)
+    std = torch.as_tensor(IMAGENET_STD, dtype=image.dtype).view(-1, 1, 1)
+    return image.sub_(mean).div_(std)
 
 
 class MVTecDataset(Dataset):
@@ -107,33 +188,30 @@ class MVTecDataset(Dataset):
     def __init__(self, samples: list[Sample], resize: int, imagesize: int) -> None:
         self.samples = samples
         self.imagesize = imagesize
-        geometry = [transforms.Resize(resize), transforms.CenterCrop(imagesize)]
-        self.image_transform = transforms.Compose(
-            [*geometry, transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-        )
-        self.mask_transform = transforms.Compose(geometry)
+        self.geometry = _ResizeCrop(resize, imagesize)
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def display_image(self, index: int) -> np.ndarray:
         """The image as the backbone saw it (resized and cropped), un-normalised. (S, S, 3) uint8"""
-        return np.asarray(self.mask_transform(_open(self.samples[index].image, "RGB")), dtype=np.uint8)
+        image = self.geometry(_open(self.samples[index].image, _IMAGE_MODES))
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int, int]:
         sample = self.samples[index]
-        image = _open(sample.image, "RGB")
+        image = _open(sample.image, _IMAGE_MODES)
         if sample.mask is None:
             mask = torch.zeros(self.imagesize, self.imagesize, dtype=torch.uint8)
         else:
-            mask_img = _open(sample.mask, "L")
+            mask_img = _open(sample.mask, ("L",))
             if mask_img.size != image.size:
                 raise DataError(
                     f"mask {sample.mask} is {mask_img.size[0]}x{mask_img.size[1]}, "
                     f"its image {sample.image} {image.size[0]}x{image.size[1]}"
                 )
-            mask = torch.from_numpy(np.asarray(self.mask_transform(mask_img), dtype=np.uint8).copy())  # (S, S)
-        return self.image_transform(image), mask, sample.label, index
+            mask = torch.from_numpy(np.array(self.geometry(mask_img), dtype=np.uint8))  # (S, S)
+        return _to_normalized_tensor(self.geometry(image)), mask, sample.label, index
 
 
 class MVTecDataModule(L.LightningDataModule):

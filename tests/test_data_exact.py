@@ -1,0 +1,166 @@
+"""Items are bit for bit what the plain PIL + torchvision chain (the original's) computes, in every image mode."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from patchcore_lightning.data.folder import ImageFolderDataset
+from patchcore_lightning.data.mvtec import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    DataError,
+    MVTecDataset,
+    Sample,
+    _ResizeCrop,
+)
+
+
+def plain_geometry(resize: int, imagesize: int) -> transforms.Compose:
+    return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(imagesize)])
+
+
+def plain_image(path: Path, resize: int, imagesize: int) -> torch.Tensor:
+    """The original's image: open, convert("RGB"), Resize, CenterCrop, ToTensor, Normalize. (3, S, S)"""
+    t = transforms.Compose(
+        [plain_geometry(resize, imagesize), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    )
+    with Image.open(path) as img:
+        return t(img.convert("RGB"))
+
+
+def plain_mask(path: Path, resize: int, imagesize: int) -> torch.Tensor:
+    """The original's mask times 255: open, convert("L"), Resize, CenterCrop. (S, S) uint8"""
+    with Image.open(path) as img:
+        return torch.from_numpy(np.asarray(plain_geometry(resize, imagesize)(img.convert("L")), dtype=np.uint8).copy())
+
+
+def _noise(rng: np.random.Generator, h: int, w: int, channels: int) -> np.ndarray:
+    """Uniform noise plus a ramp: every rounding of the resampling shows. (h, w, channels) uint8"""
+    ramp = np.linspace(0, 255, w)[None, :, None]
+    return ((rng.integers(0, 256, (h, w, channels)) + ramp) % 256).astype(np.uint8)
+
+
+def write_modes(folder: Path, h: int, w: int, seed: int = 0, large: bool = False) -> list[Path]:
+    """One picture as PNGs of modes RGB and L (MVTec AD's two; only these if ``large``), and LA, RGBA,
+    P, P with transparency, 1 and 16-bit gray."""
+    rng = np.random.default_rng(seed)
+    rgb = Image.fromarray(_noise(rng, h, w, 3))
+    images = {"rgb": rgb, "l": rgb.convert("L")}
+    if not large:
+        alpha = Image.fromarray(_noise(rng, h, w, 1)[:, :, 0])
+        images |= {
+            "la": Image.merge("LA", (rgb.convert("L"), alpha)),
+            "rgba": Image.merge("RGBA", (*rgb.split(), alpha)),
+            "p": rgb.quantize(64),
+            "bilevel": rgb.convert("1"),
+            "i16": Image.fromarray(_noise(rng, h, w, 1)[:, :, 0].astype(np.uint16) * 257 + 3),
+        }
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, img in images.items():
+        img.save(folder / f"{name}.png", compress_level=1)
+    if not large:
+        images["p_trns"] = images["p"]
+        images["p"].save(folder / "p_trns.png", transparency=3)
+    return [folder / f"{name}.png" for name in images]
+
+
+# (height, width, resize, imagesize): MVTec sizes resized to 256, non-square, odd crop margins (rounded
+# half to even), the whole resized image, upsampled (dyadic scales: only the crop is resized); scales that
+# are not dyadic (full resize, then crop); already at the resize (crop only); a crop larger than the
+# resized image (padded).
+GEOMETRIES = [
+    (1024, 1024, 256, 224),
+    (900, 900, 256, 224),
+    (160, 200, 128, 112),
+    (75, 60, 32, 29),
+    (50, 50, 32, 32),
+    (24, 24, 32, 27),
+    (64, 91, 32, 28),
+    (48, 48, 40, 33),
+    (32, 45, 32, 24),
+    (30, 30, 32, 40),
+]
+
+
+@pytest.mark.parametrize(("h", "w", "resize", "imagesize"), GEOMETRIES)
+def test_items_equal_the_plain_chain_in_every_mode(tmp_path, h, w, resize, imagesize):
+    images = write_modes(tmp_path / "img", h, w, large=h > 500)
+    masks = write_modes(tmp_path / "mask", h, w, seed=1, large=h > 500)
+    samples = [Sample(image, "crack", mask) for image, mask in zip(images, masks)]
+    dataset = MVTecDataset(samples, resize, imagesize)
+    for i, sample in enumerate(samples):
+        image, mask, _, _ = dataset[i]
+        assert torch.equal(image, plain_image(sample.image, resize, imagesize)), sample.image.name
+        assert torch.equal(mask, plain_mask(sample.mask, resize, imagesize)), sample.mask.name
+        assert image.is_contiguous() and image.dtype == torch.float32 and mask.dtype == torch.uint8
+        with Image.open(sample.image) as img:
+            shown = np.asarray(plain_geometry(resize, imagesize)(img.convert("RGB")))
+        np.testing.assert_array_equal(dataset.display_image(i), shown)
+
+
+@pytest.mark.parametrize(("h", "w", "resize", "imagesize"), GEOMETRIES[2:])
+def test_folder_items_equal_the_plain_chain_in_every_format(tmp_path, h, w, resize, imagesize):
+    pngs = write_modes(tmp_path / "png", h, w)
+    rgb = Image.open(pngs[0]).convert("RGB")
+    for suffix in ("jpg", "bmp", "tif"):
+        rgb.save(tmp_path / f"rgb.{suffix}")
+        rgb.convert("L").save(tmp_path / f"l.{suffix}")
+    rgb.convert("CMYK").save(tmp_path / "cmyk.jpg")
+    dataset = ImageFolderDataset(tmp_path, resize, imagesize)
+    assert len(dataset) == len(pngs) + 7
+    for i, path in enumerate(dataset.paths):
+        image, index, reason = dataset[i]
+        assert (index, reason) == (i, "")
+        assert torch.equal(image, plain_image(path, resize, imagesize)), path.name
+        with Image.open(path) as img:
+            shown = np.asarray(plain_geometry(resize, imagesize)(img.convert("RGB")))
+        np.testing.assert_array_equal(dataset.display_image(i), shown)
+
+
+def test_resizing_only_the_crop_is_exact_where_used_and_would_not_be_elsewhere():
+    rng = np.random.default_rng(0)
+    taken = 0
+    for w in range(33, 140, 5):
+        for h in (w, w + 13):
+            for resize, imagesize in ((32, 32), (32, 27), (32, 24), (24, 19), (40, 33), (48, 40)):
+                img = Image.fromarray(_noise(rng, h, w, 3))
+                geometry = _ResizeCrop(resize, imagesize)
+                for picture in (img, img.convert("L")):
+                    expected = np.asarray(plain_geometry(resize, imagesize)(picture))
+                    np.testing.assert_array_equal(np.asarray(geometry(picture)), expected, err_msg=f"{w}x{h}")
+                taken += geometry._box(*img.size) is not None
+    assert taken > 50  # the crop-only resize did run (scales w / 32, w / 24, w / 48 ... are dyadic)
+    # 1024 -> 366 is not dyadic: resizing only the crop there (box in plain float arithmetic) shifts
+    # filter weights by a rounding and changes pixels, which is why `_ResizeCrop` resizes it whole
+    img = Image.fromarray(_noise(rng, 1024, 1024, 3))
+    assert _ResizeCrop(366, 320)._box(1024, 1024) is None
+    scale, left = 1024 / 366, 23
+    box = (left * scale, left * scale, (left + 320) * scale, (left + 320) * scale)
+    naive = np.asarray(img.resize((320, 320), Image.BILINEAR, box=box))
+    assert not np.array_equal(naive, np.asarray(plain_geometry(366, 320)(img)))
+
+
+def test_unreadable_files_fail_with_the_plain_chains_message(tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for path in write_modes(tmp_path / "good", 40, 40)[:2]:  # RGB, L
+        data = path.read_bytes()
+        (bad / path.name).write_bytes(data[: len(data) // 2])
+    (bad / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    folder = ImageFolderDataset(bad, 32, 32)
+    assert len(folder) == 3
+    for i, path in enumerate(folder.paths):
+        with pytest.raises(Exception) as plain:
+            plain_image(path, 32, 32)
+        reason = f"{type(plain.value).__name__}: {plain.value}"
+        assert folder[i][2] == reason and not folder[i][0].any()
+        dataset = MVTecDataset([Sample(path, "good", None)], 32, 32)
+        with pytest.raises(DataError) as ours:
+            dataset[0]
+        assert str(ours.value) == f"cannot read image {path}: {reason}"
