@@ -9,8 +9,13 @@
    ``--n-good`` + 3 x ``--n-per-defect`` test images, ``--disk-size`` pixels a side, PNG, as
    MVTec AD's 1024² by default), unless ``--data-root``/``--category`` are given.
 2. Model: ``lightning_cli.py fit`` on its train split (WideResNet50 layer2+layer3, weights
-   ``--weights``, random by default: timing does not depend on them), the coreset percentage chosen
-   so that the bank holds ``--bank-size`` rows, unless ``--model-path`` is given.
+   ``--weights``), the coreset percentage chosen so that the bank holds ``--bank-size`` rows,
+   unless ``--model-path`` is given. Timing does not depend on the weights' values, memory does
+   depend on where they come from: by default (``random-file``) they are seeded random values
+   written once to ``<workdir>/weights/`` in torch.save's zip format and loaded from that file, as
+   ImageNet weights are from the torch cache; ``random-legacy-file`` writes them in torch's legacy
+   format, as torchvision's own ``wide_resnet50_2-95faca4d.pth`` is; ``random`` builds them from
+   the seed in the process (no file); ``null`` is the ImageNet file; any other value a file.
 3. ``stages`` (a child process): the test split through ``PatchCoreModule`` as Lightning's test loop
    drives it. ``--repeats`` passes call ``test_step`` and then the metric's ``compute`` (the real
    path: total, images/s), interleaved with as many passes that run ``member_outputs``' stages one by one,
@@ -84,6 +89,41 @@ def _peak_rss_mb() -> dict:
 
 
 # --------------------------------------------------------------------------- preparation (parent)
+_RANDOM_FILES = {  # --weights → the file written under <workdir>/weights
+    "random-file": "wide_resnet50_2-random-seed0.pth",
+    "random-legacy-file": "wide_resnet50_2-random-seed0-legacy.pth",
+}
+
+
+def backbone_weights(args) -> str:
+    """``--weights`` as ``--model.backbone_weights``: ``random``, ``null`` or a file, the random
+    files written first where missing (seed 0, the values ``random`` gives)."""
+    if args.weights not in _RANDOM_FILES:
+        return args.weights
+    path = Path(args.workdir) / "weights" / _RANDOM_FILES[args.weights]
+    if not path.is_file():
+        import torch
+
+        from patchcore_lightning.backbones import load_backbone
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        state = load_backbone("wideresnet50", "random")[0].state_dict()
+        partial = path.with_suffix(".partial")
+        torch.save(state, partial, _use_new_zipfile_serialization=args.weights == "random-file")
+        partial.replace(path)
+    return str(path)
+
+
+def _describe_weights(args, weights: str) -> str:
+    if args.weights == "random-file":
+        return f"seeded random values from {weights} (torch.save zip format: memory-mapped)"
+    if args.weights == "random-legacy-file":
+        return f"seeded random values from {weights} (torch's legacy format, as torchvision's WideResNet50 file)"
+    if weights == "random":
+        return "seeded random values built in the process (no weights file)"
+    return "ImageNet weights from the torch cache" if weights == "null" else f"weights from {weights}"
+
+
 def _grid(imagesize: int) -> int:
     return imagesize // 8  # WideResNet50 layer2: stride 8 (patch stride 1, padding keeps the grid)
 
@@ -108,7 +148,9 @@ def prepare_model(args, root: Path, category: str) -> Path:
     if percentage > 1:
         raise SystemExit(f"--bank-size {args.bank_size} exceeds the {features} training patch features: "
                          "raise --n-train")
-    out = Path(args.workdir) / f"fit_{root.name}_{args.imagesize}_{args.bank_size}_{args.sampler}"
+    weights = backbone_weights(args)
+    tag = {"random": "", "null": "_imagenet"}.get(weights, f"_{Path(weights).stem}")
+    out = Path(args.workdir) / f"fit_{root.name}_{args.imagesize}_{args.bank_size}_{args.sampler}{tag}"
     folder = out / "models" / f"mvtec_{category}"
     if (folder / "patchcore_lightning.json").is_file():
         return folder
@@ -119,7 +161,7 @@ def prepare_model(args, root: Path, category: str) -> Path:
         "--data.resize", str(args.resize), "--data.imagesize", str(args.imagesize),
         "--data.batch_size", str(args.batch_size), "--data.num_workers", str(args.num_workers),
         "--model.backbones", "[wideresnet50]", "--model.layers", "[layer2,layer3]",
-        "--model.backbone_weights", args.weights, "--model.sampler", args.sampler,
+        "--model.backbone_weights", weights, "--model.sampler", args.sampler,
         "--model.percentage", repr(percentage),
         "--trainer.accelerator", "gpu" if args.device.startswith("cuda") else "cpu",
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
@@ -137,9 +179,9 @@ def child_stages(args) -> dict:
 
     from patchcore_lightning.anomaly_map import segmentation_maps
     from patchcore_lightning.data.mvtec import MVTecDataModule
-    from patchcore_lightning.embedding import aggregate_layers, embed, patchify
+    from patchcore_lightning.embedding import aggregate_layers, patchify
     from patchcore_lightning.memory_bank import MemoryBank
-    from patchcore_lightning.module import PatchCoreModule
+    from patchcore_lightning.module import PatchCoreModule, embed_images
 
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -156,8 +198,8 @@ def child_stages(args) -> dict:
     loader = dm.test_dataloader()
     n_images = len(dm.test_dataset)
 
-    weights = None if args.weights == "null" else args.weights
-    module = PatchCoreModule(model_paths=[args.model_path], backbone_weights=weights)
+    weights = backbone_weights(args)
+    module = PatchCoreModule(model_paths=[args.model_path], backbone_weights=None if weights == "null" else weights)
     module.select(0, 1)
     module.to(device)
     module.members = module.load_members(args.model_path, args.imagesize)
@@ -209,8 +251,8 @@ def child_stages(args) -> dict:
                 q = member.params
                 layer_maps = module.extractors[member.extractor_key](images.float())
                 t = tick("backbone", t)
-                feats, (h, w) = embed([layer_maps[layer] for layer in q.layers], q.patchsize, q.patchstride,
-                                      q.pretrain_embed_dimension, q.target_embed_dimension)
+                feats, (h, w) = embed_images([layer_maps[layer] for layer in q.layers], q.patchsize, q.patchstride,
+                                             q.pretrain_embed_dimension, q.target_embed_dimension)
                 t = tick("aggregation", t)
                 patch = member.bank.patch_scores(feats, q.anomaly_scorer_num_nn).view(B, h, w)
                 t = tick("knn", t)
@@ -266,13 +308,14 @@ def child_stages(args) -> dict:
     B = images.shape[0]
     layers = [layer_maps[layer] for layer in p.layers]
     with torch.inference_mode():
-        feats, _ = embed(layers, p.patchsize, p.patchstride, p.pretrain_embed_dimension, p.target_embed_dimension)
+        feats, _ = embed_images(layers, p.patchsize, p.patchstride, p.pretrain_embed_dimension,
+                                p.target_embed_dimension)
         torch.testing.assert_close(ours[0][:, 0], bank.patch_scores(feats, p.anomaly_scorer_num_nn).view(B, -1).amax(1))
         dims = (p.pretrain_embed_dimension, p.target_embed_dimension)
         micro = {
             "backbone": lambda: extractor(images),
             "knn": lambda: bank.patch_scores(feats, p.anomaly_scorer_num_nn),
-            "aggregation": lambda: embed(layers, p.patchsize, p.patchstride, *dims),
+            "aggregation": lambda: embed_images(layers, p.patchsize, p.patchstride, *dims),
         }
         if not args.skip_original_chain:
             micro["aggregation_original_chain"] = lambda: aggregate_layers(
@@ -437,7 +480,7 @@ def child_cli(args) -> dict:
         "test", "--data.root", args.data_root, "--data.categories", f"[{args.category}]",
         "--data.resize", str(args.resize), "--data.imagesize", str(args.imagesize),
         "--data.batch_size", str(args.batch_size), "--data.num_workers", str(args.num_workers),
-        "--model.model_paths", f"[{args.model_path}]", "--model.backbone_weights", args.weights,
+        "--model.model_paths", f"[{args.model_path}]", "--model.backbone_weights", backbone_weights(args),
         "--trainer.accelerator", "gpu" if args.device.startswith("cuda") else "cpu",
         "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
         "--results_dir", tempfile.mkdtemp(prefix="bench_eval_cli_"),
@@ -508,6 +551,7 @@ def _report(args, stages: dict | None, cli_run: dict | None) -> None:
         for name, entry in stages.get("precision", {}).items():
             print(f"{name}: {1 / entry['s_per_image']:.1f} images/s, largest metric difference from fp32 "
                   f"{entry['max_metric_abs_diff']:.2e}, raw scores {entry['max_raw_score_rel_diff']:.2e} (relative)")
+    print(f"\nbackbone weights: {_describe_weights(args, backbone_weights(args))}")
     if cli_run:
         print(f"\n== lightning_cli.py test, {cli_run['n_images']} images: wall {cli_run['wall_s']:.1f} s "
               f"({ms(cli_run['wall_s_per_image'])}/img with start-up; "
@@ -530,7 +574,10 @@ def parse_args(argv=None):
     parser.add_argument("--data-root", help="an MVTec-format root instead of the synthetic category")
     parser.add_argument("--category", default="weave", help="category (a synthetic one: weave, grain, tiles)")
     parser.add_argument("--model-path", help="a model folder in the original's format instead of fitting one")
-    parser.add_argument("--weights", default="random", help="backbone_weights: random, null (ImageNet) or a file")
+    parser.add_argument("--weights", default="random-file",
+                        help="backbone weights: random-file (seeded random values in a torch.save file under "
+                             "<workdir>/weights), random-legacy-file (the same in torch's legacy format), random "
+                             "(built from the seed, no file), null (ImageNet) or a state_dict file")
     parser.add_argument("--disk-size", type=int, default=1024, help="side of the generated PNGs")
     parser.add_argument("--n-train", type=int, default=60)
     parser.add_argument("--n-good", type=int, default=30)

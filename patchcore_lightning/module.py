@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import platform
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import torchvision
 from torch import nn
 
 from .anomaly_map import segmentation_maps
-from .backbones import BackboneWeights, WeightsError, build_feature_extractor, load_backbone, original_bn_warmup
+from .backbones import BackboneWeights, LayerError, WeightsError, load_feature_extractor, original_bn_warmup
 from .coreset import SamplerName, subsample
 from .embedding import embed
 from .memory_bank import MemoryBank, gpu_faiss_available, warn_gpu_unavailable
@@ -35,9 +36,30 @@ from .model_io import (
 )
 from .reporting import blend, compose
 
-__all__ = ["Member", "PatchCoreModule"]
+__all__ = ["Member", "PatchCoreModule", "embed_images"]
 
 log = logging.getLogger(__name__)
+
+
+def embed_images(
+    layer_feats: Sequence[torch.Tensor], patchsize: int, stride: int, pretrain_dim: int, target_dim: int
+) -> tuple[torch.Tensor, tuple[int, int]]:
+    """``embed`` as fit and test run it: [(B, C_i, h_i, w_i)] → (B*H0*W0, target_dim), (H0, W0).
+
+    On the CPU one image at a time: the same bits as the whole batch (every patch feature depends
+    on its own image only), with working memory, which is the process's RSS, bounded by one image
+    instead of growing with the batch (the layer3 blocks resized to the layer2 grid alone are 29 MB
+    per 224² image with WideResNet50). On a GPU the batch goes in one call: per-image kernel
+    launches would cost more than that memory.
+    """
+    B = layer_feats[0].shape[0]
+    if B <= 1 or layer_feats[0].device.type != "cpu":
+        return embed(layer_feats, patchsize, stride, pretrain_dim, target_dim)
+    parts = [
+        embed([feats[b : b + 1] for feats in layer_feats], patchsize, stride, pretrain_dim, target_dim)
+        for b in range(B)
+    ]  # [((H0*W0, target_dim), (H0, W0))] per image
+    return torch.cat([feats for feats, _ in parts]), parts[0][1]  # (B*H0*W0, target_dim), rows ordered (B, H0, W0)
 
 
 def _describe_weights(sha256: str | None) -> str:
@@ -195,12 +217,11 @@ class PatchCoreModule(L.LightningModule):
         shape = "x".join(map(str, params.input_shape))
         key = f"{params.backbone}:{'+'.join(params.layers)}:{shape}".replace(".", "_")
         if key not in self.extractors:
-            model, digest = load_backbone(params.backbone, self.backbone_weights)
-            self.weights_sha256[params.backbone] = digest
             try:
-                extractor = build_feature_extractor(model, params.layers)
-            except ValueError as err:
+                extractor, digest = load_feature_extractor(params.backbone, params.layers, self.backbone_weights)
+            except LayerError as err:
                 raise ModelFormatError(f"{self.model_path}: {err}") from None
+            self.weights_sha256[params.backbone] = digest
             if self.original_bn_warmup:
                 original_bn_warmup(extractor, params.input_shape)
             self.extractors[key] = extractor.to(self.device)
@@ -333,7 +354,7 @@ class PatchCoreModule(L.LightningModule):
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         """Images (B, 3, H, W) → patch features (B*h*w, D) and the grid (h, w), as fit and test see them."""
         layer_maps = self.extractors[key](images)  # {layer: (B, C, h, w)}
-        return embed(
+        return embed_images(
             [layer_maps[layer] for layer in p.layers],
             p.patchsize,
             p.patchstride,

@@ -35,3 +35,27 @@ def test_faiss_on_gpu_without_a_gpu_warns_and_stays_on_the_cpu():
 def test_bad_fit_options_name_the_value(kwargs, message):
     with pytest.raises(ValueError, match=message):
         PatchCoreModule(**kwargs)
+
+
+def test_patch_features_are_embedded_one_image_at_a_time_with_the_batchs_bits(monkeypatch):
+    from patchcore_lightning import module as module_py
+    from patchcore_lightning.model_io import PatchCoreParams
+
+    module = PatchCoreModule(backbone_weights="random")
+    params = PatchCoreParams("resnet18", ("layer2", "layer3"), (3, 64, 64), 96, 64, 3, 1, 1)
+    key = module._extractor(params)
+    images = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    batch_sizes = []
+    embed = module_py.embed
+
+    def spy(layer_feats, *args):
+        batch_sizes.append(layer_feats[0].shape[0])
+        return embed(layer_feats, *args)
+
+    monkeypatch.setattr(module_py, "embed", spy)
+    with torch.no_grad():
+        feats, grid = module._patch_features(key, params, images)
+        layer_maps = module.extractors[key](images)
+    expected, expected_grid = embed([layer_maps[layer] for layer in params.layers], 3, 1, 96, 64)  # the whole batch
+    assert batch_sizes == [1, 1, 1]
+    assert grid == expected_grid and torch.equal(feats, expected)
