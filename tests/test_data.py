@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -88,3 +89,24 @@ def test_ddp_shards_are_whole_single_process_batches():
         loader = dm._loader(list(range(11)), shard=True)
         seen.append([batch.tolist() for batch in loader])
     assert seen == [[[0, 1], [6, 7]], [[2, 3], [8, 9]], [[4, 5], [10]]]
+
+
+class _NiceProbe(torch.utils.data.Dataset):
+    """Each item is the nice value of the process that loads it."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int:
+        return os.nice(0)
+
+
+@pytest.mark.parametrize("niceness", [0, 7])
+def test_cpu_workers_yield_to_the_model(niceness):
+    dm = MVTecDataModule(categories=["weave"], num_workers=1, worker_niceness=niceness)
+    base = os.nice(0)
+    loaded = [int(x) for batch in dm._loader(_NiceProbe()) for x in batch]
+    assert loaded == [min(base + niceness, 19)] * 2
+    assert os.nice(0) == base  # the main process keeps its priority
+    with pytest.raises(ValueError, match="worker_niceness must be in 0..19, got 20"):
+        MVTecDataModule(categories=["weave"], worker_niceness=20)

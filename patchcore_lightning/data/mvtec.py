@@ -6,6 +6,7 @@ Test images are ordered by anomaly type (sorted), then file name (sorted), as th
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from dataclasses import dataclass
@@ -214,6 +215,11 @@ class MVTecDataset(Dataset):
         return _to_normalized_tensor(self.geometry(image)), mask, sample.label, index
 
 
+def _lower_priority(niceness: int, worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: raise this worker's nice value by ``niceness``."""
+    os.nice(niceness)
+
+
 class MVTecDataModule(L.LightningDataModule):
     """MVTec AD categories, evaluated one after another (``select`` picks the current one).
 
@@ -224,6 +230,10 @@ class MVTecDataModule(L.LightningDataModule):
         imagesize: side of the square center crop fed to the backbone.
         batch_size: images per batch.
         num_workers: data loading processes (0 loads in the main process).
+        worker_niceness: added to the workers' nice value (``os.nice``) when the model runs on the
+            CPU, so that image decoding takes the cores when the backbone's threads leave them idle
+            instead of preempting them (on a few cores, a preempted thread stalls all the others at
+            the next barrier). 0 keeps the workers at the main process's priority.
         synthetic: generate the demo's synthetic categories under ``root`` where they are missing
             (``patchcore_lightning.data.synthetic``; categories weave, grain, tiles).
         predict_dir: for ``predict``: a folder of images (any layout, searched recursively).
@@ -237,6 +247,7 @@ class MVTecDataModule(L.LightningDataModule):
         imagesize: int = 224,
         batch_size: int = 2,
         num_workers: int = 4,
+        worker_niceness: int = 10,
         synthetic: bool = False,
         predict_dir: str | None = None,
     ) -> None:
@@ -249,12 +260,15 @@ class MVTecDataModule(L.LightningDataModule):
             raise ValueError(f"need 1 <= imagesize <= resize, got resize={resize}, imagesize={imagesize}")
         if batch_size < 1 or num_workers < 0:
             raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
+        if not 0 <= worker_niceness <= 19:
+            raise ValueError(f"data.worker_niceness must be in 0..19, got {worker_niceness}")
         self.root = root
         self.categories = list(categories)
         self.resize = resize
         self.imagesize = imagesize
         self.batch_size = batch_size
         self.num_workers = num_workers
+        self.worker_niceness = worker_niceness
         self.synthetic = synthetic
         self.predict_dir = predict_dir
         self.predict_dataset = None
@@ -305,6 +319,9 @@ class MVTecDataModule(L.LightningDataModule):
             # this way every image's scores are bit for bit those of one process.
             B, W, N = self.batch_size, trainer.world_size, len(dataset)
             sampler = [i for k in range(trainer.global_rank, -(-N // B), W) for i in range(k * B, min((k + 1) * B, N))]
+        strategy = getattr(trainer, "strategy", None)
+        on_cpu = strategy is None or strategy.root_device.type == "cpu"
+        niceness = self.worker_niceness if on_cpu and self.num_workers > 0 else 0
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
@@ -313,6 +330,7 @@ class MVTecDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             persistent_workers=False,
             pin_memory=torch.cuda.is_available(),
+            worker_init_fn=functools.partial(_lower_priority, niceness) if niceness else None,
         )
 
     def test_dataloader(self) -> DataLoader:
