@@ -407,7 +407,7 @@ def _large_banks(args, dm, module, bank, device, sync) -> dict:
             big = MemoryBank.from_features(rows, where, backend)
             with torch.inference_mode():
                 entry[f"{backend}_{torch.device(where).type}_s_per_image"] = (
-                    _time_calls(lambda: big.patch_scores(queries, p.anomaly_scorer_num_nn), 2, sync) / B
+                    _time_calls(lambda big=big: big.patch_scores(queries, p.anomaly_scorer_num_nn), 2, sync) / B
                 )
             del big
         out[str(size)] = entry
