@@ -70,6 +70,8 @@ def pixel_metrics(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
     sorted apart, so counts over either set, or over both, come from binary searches (``ranking``).
     """
     _check_normalised(maps, "pixel_auroc")
+    if maps.numel() >= 2**32:  # the exact counts sum to at most numel² / 2 in int64
+        raise ValueError(f"{maps.numel()} pixels are too many for exact pixel metrics (at most 2**32 - 1)")
     gt = masks == 255  # (N, H, W) anomalous pixels
     in_subset = (masks != 0).flatten(1).any(dim=1)  # (N,) the images of the anomaly-only metrics
     weights, num_regions = region_weights(gt)  # (P,) in raster order, K regions
