@@ -15,7 +15,7 @@ from torchmetrics import Metric
 
 from .anomaly_map import minmax_normalise
 from .pro import aupro_from_counts, region_weights
-from .ranking import auroc_from_counts, binary_auroc_exact, count_below, order_keys, sorted_keys
+from .ranking import RankedPositives, auroc_from_counts, binary_auroc_exact, count_below, order_keys, sorted_keys
 
 __all__ = ["METRIC_NAMES", "PatchCoreEvaluation", "ensemble", "pixel_metrics", "safe_binary_auroc"]
 
@@ -75,13 +75,12 @@ def pixel_metrics(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
     gt = masks == 255  # (N, H, W) anomalous pixels
     in_subset = (masks != 0).flatten(1).any(dim=1)  # (N,) the images of the anomaly-only metrics
     weights, num_regions = region_weights(gt)  # (P,) in raster order, K regions
-    positives, order = torch.sort(order_keys(maps[gt]))  # (P,) ascending
-    weights = weights[order]  # (P,)
-    P = positives.numel()
-    pos_less, pos_at_most = count_below(positives, positives)  # (P,)
+    ranked = RankedPositives.of(order_keys(maps[gt]))  # (P,) anomalous pixels
+    weights = weights[ranked.order]  # (P,) in ascending score order
+    P = ranked.keys.numel()
     # every anomalous pixel lies in the subset; the other images only add normal pixels
-    sub_less, sub_at_most = count_below(sorted_keys(maps[in_subset]), positives)  # (P,)
-    rest_less, rest_at_most = count_below(sorted_keys(maps[~in_subset]), positives)  # (P,)
+    sub_less, sub_at_most = ranked.negatives_below(sorted_keys(maps[in_subset]))  # (P,)
+    rest_less, rest_at_most = count_below(sorted_keys(maps[~in_subset]), ranked.keys)  # (P,)
     sets = {"full": (sub_less + rest_less, sub_at_most + rest_at_most, gt.numel())}
     result = {}
     if bool(in_subset.any()):
@@ -89,8 +88,8 @@ def pixel_metrics(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
     else:
         log.warning("no test image has an anomalous ground-truth pixel: anomaly-only metrics are undefined")
         result.update({"anomaly_pixel_auroc": math.nan, "anomaly_pro": math.nan})
-    for prefix, (less, at_most, num_pixels) in sets.items():
-        neg_less, neg_at_most, num_normal = less - pos_less, at_most - pos_at_most, num_pixels - P  # (P,), (P,)
+    for prefix, (neg_less, neg_at_most, num_pixels) in sets.items():
+        num_normal = num_pixels - P
         auroc = auroc_from_counts(neg_less, neg_at_most, num_normal)
         if math.isnan(auroc):
             result[f"{prefix}_pixel_auroc"] = _undefined(f"{prefix}_pixel_auroc", P, num_pixels)
@@ -99,7 +98,7 @@ def pixel_metrics(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
             continue
         result[f"{prefix}_pixel_auroc"] = auroc
         pro = aupro_from_counts(
-            pos_less, pos_at_most, neg_less, neg_at_most, weights, num_normal, num_regions, PRO_FPR_LIMIT
+            ranked.less, ranked.at_most, neg_less, neg_at_most, weights, num_normal, num_regions, PRO_FPR_LIMIT
         )
         result[f"{prefix}_pro"] = float(pro)
     return {name: result[name] for name in METRIC_NAMES[1:]}

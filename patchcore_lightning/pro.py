@@ -25,7 +25,7 @@ import numbers
 
 import torch
 
-from .ranking import count_below, order_keys
+from .ranking import RankedPositives, order_keys
 
 __all__ = ["aupro", "aupro_from_counts", "label_components", "region_weights"]
 
@@ -255,10 +255,9 @@ def aupro(scores: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> 
     if num_regions == 0:
         raise ValueError(f"masks have no anomalous region (all {fg.numel()} pixels are 0)")
     keys = order_keys(scores)  # (N, H, W)
-    positives, order = torch.sort(keys[fg])  # (P,) ascending
-    less, at_most = count_below(torch.sort(keys.reshape(-1)).values, positives)  # (P,) all pixels
-    pos_less, pos_at_most = count_below(positives, positives)  # (P,) anomalous pixels
+    ranked = RankedPositives.of(keys[fg])  # (P,) anomalous pixels
+    neg_less, neg_at_most = ranked.negatives_below(torch.sort(keys.reshape(-1)).values)  # (P,)
     return aupro_from_counts(
-        pos_less, pos_at_most, less - pos_less, at_most - pos_at_most, weights[order], num_normal, num_regions,
+        ranked.less, ranked.at_most, neg_less, neg_at_most, weights[ranked.order], num_normal, num_regions,
         float(fpr_limit),
     )

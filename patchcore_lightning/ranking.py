@@ -21,9 +21,18 @@ All functions are pure tensor functions that stay on the input's device.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
-__all__ = ["auroc_from_counts", "binary_auroc_exact", "count_below", "order_keys", "sorted_keys"]
+__all__ = [
+    "RankedPositives",
+    "auroc_from_counts",
+    "binary_auroc_exact",
+    "count_below",
+    "order_keys",
+    "sorted_keys",
+]
 
 
 def order_keys(scores: torch.Tensor) -> torch.Tensor:
@@ -65,6 +74,32 @@ def count_below(sorted_keys: torch.Tensor, queries: torch.Tensor) -> tuple[torch
     )
 
 
+@dataclass(frozen=True)
+class RankedPositives:
+    """The positives' keys sorted, and how each ranks among the positives. All (P,).
+
+    ``order[i]`` is the input position of ``keys[i]``; ``less[i]`` and ``at_most[i]`` count the
+    positives below ``keys[i]`` and at most ``keys[i]``.
+    """
+
+    keys: torch.Tensor
+    order: torch.Tensor
+    less: torch.Tensor
+    at_most: torch.Tensor
+
+    @classmethod
+    def of(cls, keys: torch.Tensor) -> RankedPositives:
+        """From the (P,) ``order_keys`` of the positives, in any order."""
+        ascending, order = torch.sort(keys)  # (P,), (P,)
+        return cls(ascending, order, *count_below(ascending, ascending))
+
+    def negatives_below(self, sorted_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per positive, how many negatives lie below it and at most it: ``count_below`` over
+        ``sorted_keys`` (n,), which must hold every positive, less the positives. → (P,), (P,)"""
+        less, at_most = count_below(sorted_keys, self.keys)
+        return less - self.less, at_most - self.at_most
+
+
 def auroc_from_counts(neg_less: torch.Tensor, neg_at_most: torch.Tensor, num_negatives: int) -> float:
     """Exact AUROC from, for every positive, the number of negatives scoring below it and at most it.
 
@@ -86,8 +121,6 @@ def binary_auroc_exact(scores: torch.Tensor, targets: torch.Tensor) -> float:
     if scores.numel() >= 2**32:
         raise ValueError(f"{scores.numel()} scores are too many for an exact AUROC in int64 (at most 2**32 - 1)")
     keys = order_keys(scores)  # (n,)
-    everything = torch.sort(keys).values  # (n,)
-    positives = torch.sort(keys[positive]).values  # (P,)
-    less, at_most = count_below(everything, positives)  # (P,) all scores
-    pos_less, pos_at_most = count_below(positives, positives)  # (P,) positive scores
-    return auroc_from_counts(less - pos_less, at_most - pos_at_most, scores.numel() - positives.numel())
+    ranked = RankedPositives.of(keys[positive])  # (P,)
+    neg_less, neg_at_most = ranked.negatives_below(torch.sort(keys).values)  # (P,)
+    return auroc_from_counts(neg_less, neg_at_most, scores.numel() - ranked.keys.numel())
