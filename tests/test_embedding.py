@@ -124,3 +124,35 @@ def test_channels_last_patchify_is_patchify(shape, patchsize, stride):
     blocks = _patchify_channels_last(x, patchsize, stride)
     assert blocks.is_contiguous(memory_format=torch.channels_last)
     assert torch.equal(blocks, patchify(x, patchsize, stride))
+
+
+@pytest.mark.parametrize(
+    "C, patchsize, pre",
+    [
+        (256, 3, 128),  # windows of 18 entries (two whole channels): slices of 64 channels
+        (256, 3, 768),  # windows of 3 entries, inside a channel
+        (128, 5, 100),  # p = 5, windows of 32 entries
+        (200, 3, 1024),  # 1800 → 1024: groups of 225 entries, one slice holds them all
+    ],
+)
+@pytest.mark.parametrize("chunk_bytes", [1, 100_000, 1 << 30])
+def test_resizing_in_channel_slices_is_bit_for_bit_and_bounded(monkeypatch, C, patchsize, pre, chunk_bytes):
+    g = torch.Generator().manual_seed(C + pre)
+    maps = [torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, C, 4, 4, generator=g)]
+    expected = aggregate_layers([patchify(m, patchsize) for m in maps], pre, 48)
+    resized = []  # bytes of every resized slice
+    interpolate = F.interpolate
+
+    def recording(x, *args, **kwargs):
+        out = interpolate(x, *args, **kwargs)
+        resized.append(out.numel() * out.element_size())
+        return out
+
+    monkeypatch.setattr(F, "interpolate", recording)
+    ours, _ = embed(maps, patchsize, 1, pre, 48, chunk_bytes=chunk_bytes)
+    assert torch.equal(ours, expected)
+    entry_bytes = 2 * 8 * 8 * 4  # one block entry resized to the 8 x 8 grid, both images
+    smallest = (64 if pre != 1024 else C) * patchsize**2 * entry_bytes  # a slice holds at least 64 channels
+    assert sum(resized) == C * patchsize**2 * entry_bytes  # every entry resized once
+    assert max(resized) <= max(chunk_bytes, smallest)
+    assert len(resized) == (1 if chunk_bytes == 1 << 30 or pre == 1024 else -(-sum(resized) // max(resized)))
