@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 import torch
 from torchmetrics import Metric
 
 from .anomaly_map import minmax_normalise
 from .pro import aupro_from_counts, region_weights
-from .ranking import RankedPositives, auroc_from_counts, binary_auroc_exact, count_below, order_keys, sorted_keys
+from .ranking import RankedPositives, auroc_from_counts, binary_auroc_exact, count_below_runs, order_keys, run_length
 
 __all__ = ["METRIC_NAMES", "PatchCoreEvaluation", "ensemble", "pixel_metrics", "safe_binary_auroc"]
 
@@ -23,6 +24,7 @@ log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("instance_auroc", "full_pixel_auroc", "full_pro", "anomaly_pixel_auroc", "anomaly_pro")
 PRO_FPR_LIMIT = 0.3  # the original's and MVTec AD's integration limit
+_IMAGES_PER_PASS = 16  # images normalised at a time by ``ensemble``
 
 
 def _check_normalised(scores: torch.Tensor, what: str) -> None:
@@ -46,16 +48,50 @@ def safe_binary_auroc(scores: torch.Tensor, targets: torch.Tensor, what: str) ->
     return result
 
 
-def ensemble(scores: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _normalised_mean(maps: torch.Tensor, lo: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    """Raw maps (b, M, H, W) → members min-max normalised with their (M,) ``lo`` and ``span``, averaged. (b, H, W)
+
+    ``minmax_normalise``'s arithmetic, image by image: the same bits as over the whole set at once.
+    """
+    x = maps.transpose(0, 1)  # (M, b, H, W)
+    lo, span = lo.view(-1, 1, 1, 1), span.view(-1, 1, 1, 1)
+    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1), torch.zeros_like(x)).mean(dim=0)
+
+
+def ensemble(
+    scores: torch.Tensor, maps: torch.Tensor | Sequence[torch.Tensor], order: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalise each member over the category, then average the members.
 
-    scores (N, M) raw image scores, maps (N, M, H, W) raw segmentations → (N,), (N, H, W) in [0, 1].
+    scores (N, M) raw image scores; maps the raw segmentations (N, M, H, W), or a sequence of
+    (b_k, M, H, W) parts that concatenate to them; ``order`` (N,) reorders the outputs as
+    ``scores[order]`` does (identity when None) → (N,), (N, H, W) in [0, 1].
+
+    The maps are normalised a few images at a time into the output: no full-size temporary (the
+    inputs may be a sizeable share of the process's memory).
     """
-    for m in range(scores.shape[1]):
-        if scores[:, m].amin() == scores[:, m].amax() or maps[:, m].amin() == maps[:, m].amax():
+    parts = [maps] if isinstance(maps, torch.Tensor) else list(maps)
+    N, M = scores.shape
+    H, W = parts[0].shape[-2:]
+    lo = torch.stack([p.amin(dim=(0, 2, 3)) for p in parts if len(p)]).amin(dim=0)  # (M,) exact: a min of minima
+    hi = torch.stack([p.amax(dim=(0, 2, 3)) for p in parts if len(p)]).amax(dim=0)  # (M,)
+    for m in range(M):
+        if scores[:, m].amin() == scores[:, m].amax() or lo[m] == hi[m]:
             log.warning("ensemble member %d gives every test image the same score: it adds no ranking", m + 1)
-    norm_scores = minmax_normalise(scores.T).mean(dim=0)  # (M, N) normalised over images → (N,)
-    norm_maps = minmax_normalise(maps.transpose(0, 1)).mean(dim=0)  # (M, N, H, W) over all pixels → (N, H, W)
+    if order is None:
+        order = torch.arange(N, device=scores.device)
+    position = torch.empty_like(order)  # (N,) where each input image goes
+    position[order] = torch.arange(N, device=order.device)
+    norm_scores = minmax_normalise(scores.T).mean(dim=0)[order]  # (M, N) normalised over images → (N,)
+    norm_maps = parts[0].new_empty(N, H, W)
+    start = 0
+    for part in parts:
+        for chunk in part.split(_IMAGES_PER_PASS):  # (b, M, H, W)
+            stop = start + len(chunk)
+            norm_maps.index_copy_(0, position[start:stop], _normalised_mean(chunk, lo, hi - lo))
+            start = stop
+    if start != N:
+        raise ValueError(f"the maps hold {start} images, the scores {N}")
     return norm_scores, norm_maps
 
 
@@ -66,8 +102,10 @@ def pixel_metrics(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
     1.0); "anomaly" restricts all four numbers to the images whose mask has any non-zero pixel.
     Undefined numbers are NaN, with a warning.
 
-    One sort serves all four: the pixels of the anomaly-only images and those of the others are
-    sorted apart, so counts over either set, or over both, come from binary searches (``ranking``).
+    One pass of sorts serves all four: the pixels of the anomaly-only images and those of the
+    others are counted apart, so counts over either set, or over both, come from binary searches
+    (``ranking``). On a CPU the images are sorted about 2**20 pixels at a time, so the working
+    memory stays a few MB above the inputs whatever the number of images.
     """
     _check_normalised(maps, "pixel_auroc")
     if maps.numel() >= 2**32:  # the exact counts sum to at most numel² / 2 in int64
@@ -78,9 +116,14 @@ def pixel_metrics(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
     ranked = RankedPositives.of(order_keys(maps[gt]))  # (P,) anomalous pixels
     weights = weights[ranked.order]  # (P,) in ascending score order
     P = ranked.keys.numel()
+    images_per_run = max(1, run_length(maps.device) // max(1, gt[0].numel()))
+
+    def runs(images: torch.Tensor):  # the maps of these images, a run's worth at a time
+        return (maps.index_select(0, chunk) for chunk in images.split(images_per_run))
+
     # every anomalous pixel lies in the subset; the other images only add normal pixels
-    sub_less, sub_at_most = ranked.negatives_below(sorted_keys(maps[in_subset]))  # (P,)
-    rest_less, rest_at_most = count_below(sorted_keys(maps[~in_subset]), ranked.keys)  # (P,)
+    sub_less, sub_at_most = ranked.negatives_below(runs(in_subset.nonzero().squeeze(1)))  # (P,)
+    rest_less, rest_at_most = count_below_runs(runs((~in_subset).nonzero().squeeze(1)), ranked.keys)  # (P,)
     sets = {"full": (sub_less + rest_less, sub_at_most + rest_at_most, gt.numel())}
     result = {}
     if bool(in_subset.any()):
@@ -145,9 +188,11 @@ class PatchCoreEvaluation(Metric):
         indices = indices[order]
         if len(indices) > 1 and bool((indices[1:] == indices[:-1]).any()):
             raise RuntimeError("a test image was scored twice; the sampler must not repeat images")
-        raw_scores, raw_maps = cat(self.raw_scores)[order], cat(self.raw_maps)[order]
-        masks, labels = cat(self.masks)[order], cat(self.labels)[order]
-        scores, maps = ensemble(raw_scores, raw_maps)
+        unordered_scores = cat(self.raw_scores)  # (N, M)
+        raw_scores, labels, masks = unordered_scores[order], cat(self.labels)[order], cat(self.masks)[order]
+        # the maps, the bulk of the state, are normalised and reordered part by part, never concatenated
+        raw_maps = self.raw_maps if isinstance(self.raw_maps, list) else [self.raw_maps]
+        scores, maps = ensemble(unordered_scores, raw_maps, order)
         result = {"instance_auroc": safe_binary_auroc(scores, labels, "instance_auroc")}
         result.update(pixel_metrics(maps, masks))
         result.update(

@@ -25,7 +25,7 @@ import numbers
 
 import torch
 
-from .ranking import RankedPositives, order_keys
+from .ranking import RankedPositives, order_keys, run_length
 
 __all__ = ["aupro", "aupro_from_counts", "label_components", "region_weights"]
 
@@ -125,14 +125,23 @@ def label_components(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return labels, torch.tensor(K, device=masks.device)
 
 
-def region_weights(fg: torch.Tensor) -> tuple[torch.Tensor, int]:
+def region_weights(fg: torch.Tensor, pixels_per_pass: int = 1 << 20) -> tuple[torch.Tensor, int]:
     """Each foreground pixel's share of the PRO: 1 / size of its 8-connected region.
 
     (N, H, W) bool → ``(weights, K)``: (F,) float64 in raster order over the batch, K regions.
+    Regions never span two images, so the images are labelled about ``pixels_per_pass`` pixels at
+    a time (at least one image): the dense labelling pass needs 4 bytes per pixel.
     """
-    component, K = _foreground_components(fg)  # (F,) 1..K
-    sizes = torch.bincount(component, minlength=K + 1)  # (K + 1,)
-    return 1.0 / sizes.to(torch.float64)[component], K
+    images_per_pass = max(1, pixels_per_pass // max(1, fg[0].numel())) if len(fg) else 1
+    parts, K = [], 0
+    for part in fg.split(images_per_pass):
+        component, k = _foreground_components(part)  # (F',) 1..k
+        sizes = torch.bincount(component, minlength=k + 1)  # (k + 1,)
+        parts.append(1.0 / sizes.to(torch.float64)[component])
+        K += k
+    if not parts:
+        return torch.zeros(0, dtype=torch.float64, device=fg.device), 0
+    return torch.cat(parts), K
 
 
 def _trapezoid(x: torch.Tensor, y: torch.Tensor, x_max: float) -> torch.Tensor:
@@ -254,9 +263,8 @@ def aupro(scores: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> 
         raise ValueError(f"masks have no normal pixel (all {fg.numel()} pixels are 1)")
     if num_regions == 0:
         raise ValueError(f"masks have no anomalous region (all {fg.numel()} pixels are 0)")
-    keys = order_keys(scores)  # (N, H, W)
-    ranked = RankedPositives.of(keys[fg])  # (P,) anomalous pixels
-    neg_less, neg_at_most = ranked.negatives_below(torch.sort(keys.reshape(-1)).values)  # (P,)
+    ranked = RankedPositives.of(order_keys(scores[fg]))  # (P,) anomalous pixels
+    neg_less, neg_at_most = ranked.negatives_below(scores.reshape(-1).split(run_length(scores.device)))  # (P,)
     return aupro_from_counts(
         ranked.less, ranked.at_most, neg_less, neg_at_most, weights[ranked.order], num_normal, num_regions,
         float(fpr_limit),

@@ -8,7 +8,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 from torchmetrics.functional.classification import binary_auroc
 
-from patchcore_lightning.metrics import METRIC_NAMES, PatchCoreEvaluation, safe_binary_auroc
+from patchcore_lightning.anomaly_map import minmax_normalise
+from patchcore_lightning.metrics import METRIC_NAMES, PatchCoreEvaluation, ensemble, safe_binary_auroc
 
 from . import original_oracle as oracle
 
@@ -65,3 +66,53 @@ def test_repeated_image_is_an_error():
     metric.update(raw_scores[:1], raw_maps[:1], masks[:1], labels[:1], torch.tensor([0]))
     with pytest.raises(RuntimeError, match="scored twice"):
         metric.compute()
+
+
+def _whole_set_ensemble(scores: torch.Tensor, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ensemble over the whole set at once: every member min-max normalised, then averaged."""
+    return minmax_normalise(scores.T).mean(dim=0), minmax_normalise(maps.transpose(0, 1)).mean(dim=0)
+
+
+@pytest.mark.parametrize("members", [1, 3])
+def test_ensemble_in_parts_is_the_whole_set_computation_bit_for_bit(members, caplog):
+    g = torch.Generator().manual_seed(members)
+    n = 40  # more than one pass of _IMAGES_PER_PASS images
+    raw_scores = torch.rand(n, members, generator=g) * 30
+    raw_maps = torch.rand(n, members, 12, 10, generator=g) * 50 + 3
+    if members == 3:
+        raw_maps[:, 1] = 7.0  # a constant member: zeros, and a warning
+    order = torch.randperm(n, generator=g)
+    expected_scores, expected_maps = _whole_set_ensemble(raw_scores[order], raw_maps[order])
+    parts = list(raw_maps.split([5, 1, 20, 0, 14]))  # uneven parts, an empty one among them
+    scores, maps = ensemble(raw_scores, parts, order)
+    assert torch.equal(scores, expected_scores) and torch.equal(maps, expected_maps)
+    assert torch.equal(ensemble(raw_scores, raw_maps, order)[1], expected_maps)  # one tensor (after a DDP gather)
+    assert ("member 2 gives every test image the same score" in caplog.text) == (members == 3)
+    with pytest.raises(ValueError, match="the maps hold 39 images, the scores 40"):
+        ensemble(raw_scores, parts[:-1] + [parts[-1][1:]], order)
+
+
+def test_evaluation_compute_keeps_no_full_size_copy_of_the_maps(monkeypatch):
+    """compute reads the map state part by part: no ``torch.cat`` of the maps, no (N, M, H, W) temporary."""
+    raw_scores, raw_maps, masks, labels = _category(0, n=12, members=2, size=24)
+    metric = PatchCoreEvaluation()
+    for chunk in torch.arange(12).split(4):
+        metric.update(raw_scores[chunk], raw_maps[chunk], masks[chunk], labels[chunk], chunk)
+    largest = []
+    cat = torch.cat
+
+    def recording_cat(tensors, *args, **kwargs):
+        out = cat(tensors, *args, **kwargs)
+        largest.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch, "cat", recording_cat)
+    result = metric.compute()
+    monkeypatch.undo()
+    assert max(largest) < raw_maps.numel()  # the masks (N, H, W) are concatenated, the maps (N, M, H, W) not
+    reference = PatchCoreEvaluation()
+    reference.update(raw_scores, raw_maps, masks, labels, torch.arange(12))
+    expected = reference.compute()
+    for name in METRIC_NAMES:
+        assert result[name] == expected[name], name
+    assert torch.equal(result["maps"], _whole_set_ensemble(raw_scores, raw_maps)[1])

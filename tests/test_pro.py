@@ -5,7 +5,7 @@ import pytest
 import scipy.ndimage as ndi
 import torch
 
-from patchcore_lightning.pro import aupro, label_components
+from patchcore_lightning.pro import aupro, label_components, region_weights
 
 _EIGHT = np.ones((3, 3), dtype=int)
 
@@ -234,3 +234,17 @@ def test_aupro_rejects_bad_input(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         aupro(scores, masks, fpr_limit)
+
+
+@pytest.mark.parametrize("pixels_per_pass", [1, 2 * 24 * 20 + 7, 1 << 30])
+def test_region_weights_are_one_over_the_scipy_region_size_in_any_number_of_passes(pixels_per_pass) -> None:
+    rng = np.random.default_rng(11)
+    masks = _blob_masks(rng, 7, 24, 20)
+    masks[3] = False  # an image without regions between others
+    labels, num = _scipy_labels(masks)  # numbered on across the batch
+    expected = 1.0 / np.bincount(labels.ravel())[labels[masks]]  # raster order
+    weights, k = region_weights(torch.from_numpy(masks), pixels_per_pass)
+    assert k == num and weights.dtype == torch.float64
+    assert np.array_equal(weights.numpy(), expected)
+    empty, k0 = region_weights(torch.zeros(0, 24, 20, dtype=torch.bool), pixels_per_pass)
+    assert empty.numel() == 0 and k0 == 0

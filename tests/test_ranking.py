@@ -10,6 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
+from patchcore_lightning import ranking
 from patchcore_lightning.metrics import METRIC_NAMES, pixel_metrics
 from patchcore_lightning.ranking import binary_auroc_exact, order_keys
 
@@ -116,3 +117,34 @@ def test_pixel_metrics_undefined_cases_are_nan(caplog):
     assert all(math.isnan(v) for v in pixel_metrics(*soft_only).values())
     with pytest.raises(ValueError, match="normalised"):
         pixel_metrics(torch.from_numpy(maps) * 2, torch.from_numpy(masks))
+
+
+def test_sorting_in_runs_gives_the_one_sort_numbers_and_bounds_every_sort(monkeypatch):
+    """``count_below_runs``: counts are additive over runs, so any run length gives the same metrics;
+    no sort sees more than a run."""
+    maps, masks = _pixel_case(1, 2)  # ties across runs and classes
+    maps_t, masks_t = torch.from_numpy(maps), torch.from_numpy(masks)
+    one_sort = pixel_metrics(maps_t, masks_t)  # 6 images of 20 x 24: one run
+    sorted_sizes = []
+    sorted_keys = ranking.sorted_keys
+
+    def recording(scores):
+        sorted_sizes.append(scores.numel())
+        return sorted_keys(scores)
+
+    monkeypatch.setattr(ranking, "sorted_keys", recording)
+    monkeypatch.setattr(ranking, "_RUN_ELEMENTS", 2 * 20 * 24 + 5)  # two images per run
+    assert ranking.run_length(torch.device("cpu")) == 2 * 20 * 24 + 5
+    assert pixel_metrics(maps_t, masks_t) == one_sort
+    assert max(sorted_sizes) == 2 * 20 * 24 and sum(sorted_sizes) == maps.size
+    # binary AUROC in runs of 7 scores, and order keys transformed in slices of 7
+    signed = torch.cat([torch.from_numpy(maps.ravel()[:500]), -torch.from_numpy(maps.ravel()[:500])])
+    expected_keys = order_keys(signed)  # in one slice
+    monkeypatch.setattr(ranking, "_RUN_ELEMENTS", 7)
+    sorted_sizes.clear()
+    scores, targets = torch.from_numpy(maps.ravel()[:500]), torch.from_numpy((masks == 255).ravel()[:500])
+    scores_t = scores.view(20, 25).t()  # a non-contiguous input
+    assert binary_auroc_exact(scores_t, targets.view(20, 25).t()) == roc_auc_score(targets.numpy(), scores.numpy())
+    assert max(sorted_sizes) == 7 and sum(sorted_sizes) == 500
+    keys = order_keys(signed.view(50, 20).t())  # non-contiguous, negative values in every slice
+    assert torch.equal(keys, expected_keys.view(50, 20).t())
