@@ -225,7 +225,7 @@ def child_stages(args) -> dict:
         start = time.perf_counter()
         for i, batch in enumerate(loader):
             module.test_step(to_device(batch), i)
-        result = module.evaluation.compute()
+        result = module.evaluation.compute_uncached()
         sync()
         return time.perf_counter() - start, result
 
@@ -261,7 +261,7 @@ def child_stages(args) -> dict:
                 t = tick("segmentation", t)
             module.evaluation.update(torch.stack(scores, dim=1), torch.stack(maps, dim=1), masks, labels, indices)
             t = tick("metrics", t)
-        stages["result"] = module.evaluation.compute()
+        stages["result"] = module.evaluation.compute_uncached()
         tick("metrics", t)
         return stages
 

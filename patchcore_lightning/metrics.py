@@ -24,13 +24,14 @@ log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("instance_auroc", "full_pixel_auroc", "full_pro", "anomaly_pixel_auroc", "anomaly_pro")
 PRO_FPR_LIMIT = 0.3  # the original's and MVTec AD's integration limit
-_IMAGES_PER_PASS = 16  # images normalised at a time by ``ensemble``
+_IMAGES_PER_PASS = 4  # images normalised (or reordered) at a time by ``ensemble`` and ``compute``
 
 
 def _check_normalised(scores: torch.Tensor, what: str) -> None:
     """torchmetrics' AUROC applies a sigmoid to scores outside [0, 1]; ours is rank-based, but scores
     outside [0, 1] here mean the normalisation of the original was skipped somewhere."""
-    if not bool(((scores >= 0) & (scores <= 1)).all()):  # NaN fails too
+    lo, hi = torch.aminmax(scores) if scores.numel() else (scores.new_zeros(()), scores.new_zeros(()))
+    if not (bool(lo >= 0) and bool(hi <= 1)):  # NaN propagates into both, and fails too
         raise ValueError(f"{what}: AUROC inputs must be normalised to [0, 1]")
 
 
@@ -72,6 +73,8 @@ def ensemble(
     """
     parts = [maps] if isinstance(maps, torch.Tensor) else list(maps)
     N, M = scores.shape
+    if sum(len(part) for part in parts) != N:
+        raise ValueError(f"the maps hold {sum(len(part) for part in parts)} images, the scores {N}")
     H, W = parts[0].shape[-2:]
     lo = torch.stack([p.amin(dim=(0, 2, 3)) for p in parts if len(p)]).amin(dim=0)  # (M,) exact: a min of minima
     hi = torch.stack([p.amax(dim=(0, 2, 3)) for p in parts if len(p)]).amax(dim=0)  # (M,)
@@ -80,19 +83,31 @@ def ensemble(
             log.warning("ensemble member %d gives every test image the same score: it adds no ranking", m + 1)
     if order is None:
         order = torch.arange(N, device=scores.device)
-    position = torch.empty_like(order)  # (N,) where each input image goes
-    position[order] = torch.arange(N, device=order.device)
     norm_scores = minmax_normalise(scores.T).mean(dim=0)[order]  # (M, N) normalised over images → (N,)
-    norm_maps = parts[0].new_empty(N, H, W)
+    norm_maps = _reordered(parts, order, lambda chunk: _normalised_mean(chunk, lo, hi - lo), (H, W), parts[0].dtype)
+    return norm_scores, norm_maps
+
+
+def _reordered(
+    parts: Sequence[torch.Tensor], order: torch.Tensor, fn, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """``fn`` of the images of ``parts`` (concatenated along dim 0), reordered: row i of the output
+    is ``fn`` of image ``order[i]``. → (N, *shape)
+
+    A few images at a time (``_IMAGES_PER_PASS``): nothing of the size of the whole is made but the output.
+    """
+    N = order.numel()
+    if sum(len(part) for part in parts) != N:
+        raise ValueError(f"the parts hold {sum(len(part) for part in parts)} images, the order {N}")
+    position = torch.empty_like(order)  # (N,) the output row of every input image
+    position[order] = torch.arange(N, device=order.device)
+    out = torch.empty((N, *shape), dtype=dtype, device=order.device)
     start = 0
     for part in parts:
-        for chunk in part.split(_IMAGES_PER_PASS):  # (b, M, H, W)
-            stop = start + len(chunk)
-            norm_maps.index_copy_(0, position[start:stop], _normalised_mean(chunk, lo, hi - lo))
-            start = stop
-    if start != N:
-        raise ValueError(f"the maps hold {start} images, the scores {N}")
-    return norm_scores, norm_maps
+        for chunk in part.split(_IMAGES_PER_PASS):
+            out.index_copy_(0, position[start : start + len(chunk)], fn(chunk))
+            start += len(chunk)
+    return out
 
 
 def pixel_metrics(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
@@ -104,19 +119,19 @@ def pixel_metrics(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
 
     One pass of sorts serves all four: the pixels of the anomaly-only images and those of the
     others are counted apart, so counts over either set, or over both, come from binary searches
-    (``ranking``). On a CPU the images are sorted about 2**20 pixels at a time, so the working
-    memory stays a few MB above the inputs whatever the number of images.
+    (``ranking``). On a CPU the images are sorted a few at a time (``run_length``), so the
+    working memory stays a few MB above the inputs whatever the number of images.
     """
     _check_normalised(maps, "pixel_auroc")
     if maps.numel() >= 2**32:  # the exact counts sum to at most numel² / 2 in int64
         raise ValueError(f"{maps.numel()} pixels are too many for exact pixel metrics (at most 2**32 - 1)")
     gt = masks == 255  # (N, H, W) anomalous pixels
-    in_subset = (masks != 0).flatten(1).any(dim=1)  # (N,) the images of the anomaly-only metrics
+    in_subset = masks.flatten(1).amax(dim=1) > 0  # (N,) the images of the anomaly-only metrics
     weights, num_regions = region_weights(gt)  # (P,) in raster order, K regions
     ranked = RankedPositives.of(order_keys(maps[gt]))  # (P,) anomalous pixels
     weights = weights[ranked.order]  # (P,) in ascending score order
     P = ranked.keys.numel()
-    images_per_run = max(1, run_length(maps.device) // max(1, gt[0].numel()))
+    images_per_run = max(1, run_length(maps.device, P) // max(1, gt[0].numel()))
 
     def runs(images: torch.Tensor):  # the maps of these images, a run's worth at a time
         return (maps.index_select(0, chunk) for chunk in images.split(images_per_run))
@@ -180,6 +195,19 @@ class PatchCoreEvaluation(Metric):
         self.indices.append(indices.long())
 
     def compute(self) -> dict:
+        """torchmetrics' entry point: synced under DDP by its wrapper, which then copies every output
+        tensor and caches the result. ``compute_uncached`` skips both (the maps are 4 bytes a pixel)."""
+        return self._evaluate()
+
+    def compute_uncached(self) -> dict:
+        """``compute``'s result, states gathered across processes as ``compute`` gathers them, without
+        torchmetrics' copy of the outputs nor its cache: what the module uses at the end of a category."""
+        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=True, should_unsync=True):
+            return self._evaluate()
+
+    def _evaluate(self) -> dict:
+        """The result from the states as they are (gathered or not); its tensors share no memory with them."""
+
         def cat(state):  # a list before sync, a tensor after a DDP gather
             return torch.cat(state) if isinstance(state, list) else state
 
@@ -189,10 +217,12 @@ class PatchCoreEvaluation(Metric):
         if len(indices) > 1 and bool((indices[1:] == indices[:-1]).any()):
             raise RuntimeError("a test image was scored twice; the sampler must not repeat images")
         unordered_scores = cat(self.raw_scores)  # (N, M)
-        raw_scores, labels, masks = unordered_scores[order], cat(self.labels)[order], cat(self.masks)[order]
-        # the maps, the bulk of the state, are normalised and reordered part by part, never concatenated
+        raw_scores, labels = unordered_scores[order], cat(self.labels)[order]
+        # the maps and masks, the bulk of the state, are reordered part by part, never concatenated
         raw_maps = self.raw_maps if isinstance(self.raw_maps, list) else [self.raw_maps]
+        mask_parts = self.masks if isinstance(self.masks, list) else [self.masks]
         scores, maps = ensemble(unordered_scores, raw_maps, order)
+        masks = _reordered(mask_parts, order, lambda chunk: chunk, maps.shape[1:], torch.uint8)
         result = {"instance_auroc": safe_binary_auroc(scores, labels, "instance_auroc")}
         result.update(pixel_metrics(maps, masks))
         result.update(

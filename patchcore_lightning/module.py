@@ -20,6 +20,7 @@ from .anomaly_map import segmentation_maps
 from .backbones import BackboneWeights, LayerError, WeightsError, load_feature_extractor, original_bn_warmup
 from .coreset import SamplerName, subsample
 from .embedding import embed
+from .heap import release_free_heap
 from .memory_bank import MemoryBank, gpu_faiss_available, warn_gpu_unavailable
 from .metrics import PatchCoreEvaluation
 from .model_io import (
@@ -269,6 +270,7 @@ class PatchCoreModule(L.LightningModule):
                 )
             members.append(Member(params, self._extractor(params), bank))
         self._check_weights(folder, members)
+        release_free_heap()  # the warm-up passes' activations and the files' read buffers
         return members
 
     def setup(self, stage: str) -> None:
@@ -428,7 +430,8 @@ class PatchCoreModule(L.LightningModule):
                 empty,
                 empty,
             )
-        self.result = self.evaluation.compute()
+        release_free_heap()  # the batches' working memory, before the category's maps are normalised
+        self.result = self.evaluation.compute_uncached()
         return self.result
 
     @property

@@ -125,7 +125,7 @@ def label_components(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return labels, torch.tensor(K, device=masks.device)
 
 
-def region_weights(fg: torch.Tensor, pixels_per_pass: int = 1 << 20) -> tuple[torch.Tensor, int]:
+def region_weights(fg: torch.Tensor, pixels_per_pass: int = 1 << 18) -> tuple[torch.Tensor, int]:
     """Each foreground pixel's share of the PRO: 1 / size of its 8-connected region.
 
     (N, H, W) bool → ``(weights, K)``: (F,) float64 in raster order over the batch, K regions.
@@ -264,7 +264,8 @@ def aupro(scores: torch.Tensor, masks: torch.Tensor, fpr_limit: float = 0.3) -> 
     if num_regions == 0:
         raise ValueError(f"masks have no anomalous region (all {fg.numel()} pixels are 0)")
     ranked = RankedPositives.of(order_keys(scores[fg]))  # (P,) anomalous pixels
-    neg_less, neg_at_most = ranked.negatives_below(scores.reshape(-1).split(run_length(scores.device)))  # (P,)
+    runs = scores.reshape(-1).split(run_length(scores.device, ranked.keys.numel()))
+    neg_less, neg_at_most = ranked.negatives_below(runs)  # (P,)
     return aupro_from_counts(
         ranked.less, ranked.at_most, neg_less, neg_at_most, weights[ranked.order], num_normal, num_regions,
         float(fpr_limit),

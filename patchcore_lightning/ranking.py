@@ -12,7 +12,8 @@ anomalous pixels) are usually a small share of the pixels.
 Memory: sorting all n keys at once costs about 24 bytes per score in torch (keys, int64 indices
 and the radix sort's buffers), 180 MB for 150 maps of 224². ``count_below_runs`` sorts groups of
 scores one at a time instead and adds their counts, which are additive: the working memory is
-that of the largest group, at the cost of one binary search per positive and group.
+that of the largest group, at the cost of one binary search per positive and group (so groups
+grow with the number of positives, ``run_length``).
 
 AUROC is the area under the ROC curve through every distinct score (the trapezoid rule, a run of
 tied scores forming one diagonal segment): sklearn's ``roc_auc_score``, torchmetrics' exact
@@ -43,14 +44,18 @@ __all__ = [
 ]
 
 
-# Scores per sort of ``count_below_runs`` on a CPU: about 24 MB of keys, indices and sort buffers.
-_RUN_ELEMENTS = 1 << 20
+# Scores per sort of ``count_below_runs`` on a CPU, at least (6 MB of sort buffers).
+_RUN_ELEMENTS = 1 << 18
 
 
-def run_length(device: torch.device) -> int:
-    """How many scores ``count_below_runs`` should sort at a time on ``device``: 2**20 on a CPU,
-    where the sort's memory is the process's RSS; all of them elsewhere (one sort is faster)."""
-    return _RUN_ELEMENTS if device.type == "cpu" else 2**62
+def run_length(device: torch.device, positives: int = 0) -> int:
+    """How many scores ``count_below_runs`` should sort at a time on ``device``, for ``positives`` queries.
+
+    On a CPU, where the sort's buffers are the process's RSS, 2**18 or twice the positives, whichever
+    is more: every run costs a binary search per positive, which then stays within the sort's time.
+    Elsewhere all of them (one sort is fastest).
+    """
+    return max(_RUN_ELEMENTS, 2 * positives) if device.type == "cpu" else 2**62
 
 
 def order_keys(scores: torch.Tensor) -> torch.Tensor:
@@ -159,5 +164,6 @@ def binary_auroc_exact(scores: torch.Tensor, targets: torch.Tensor) -> float:
     if scores.numel() >= 2**32:
         raise ValueError(f"{scores.numel()} scores are too many for an exact AUROC in int64 (at most 2**32 - 1)")
     ranked = RankedPositives.of(order_keys(scores[positive]))  # (P,)
-    neg_less, neg_at_most = ranked.negatives_below(scores.split(run_length(scores.device)))  # (P,)
+    runs = scores.split(run_length(scores.device, ranked.keys.numel()))
+    neg_less, neg_at_most = ranked.negatives_below(runs)  # (P,)
     return auroc_from_counts(neg_less, neg_at_most, scores.numel() - ranked.keys.numel())

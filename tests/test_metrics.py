@@ -116,3 +116,22 @@ def test_evaluation_compute_keeps_no_full_size_copy_of_the_maps(monkeypatch):
     for name in METRIC_NAMES:
         assert result[name] == expected[name], name
     assert torch.equal(result["maps"], _whole_set_ensemble(raw_scores, raw_maps)[1])
+
+
+def test_compute_uncached_is_compute_without_the_copies(monkeypatch):
+    raw_scores, raw_maps, masks, labels = _category(1)
+    metric = PatchCoreEvaluation()
+    metric.update(raw_scores, raw_maps, masks, labels, torch.arange(len(labels)))
+    clones = []
+    clone = torch.Tensor.clone
+    def recording_clone(self, *args, **kwargs):
+        clones.append(self.numel())
+        return clone(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "clone", recording_clone)
+    uncached = metric.compute_uncached()
+    assert clones == [] and metric._computed is None  # torchmetrics' wrapper would copy every output tensor
+    expected = metric.compute()
+    assert clones  # ... as it does here
+    for key, value in expected.items():
+        assert torch.equal(uncached[key], value) if isinstance(value, torch.Tensor) else uncached[key] == value, key
