@@ -83,6 +83,7 @@ def _median(values: list[float]) -> float:
 
 
 def _peak_rss_mb() -> dict:
+    """Peak RSS in MiB (ru_maxrss is in KiB on Linux) of this process and of its largest child."""
     self_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     kids_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return {"peak_rss_mb": self_kb / 1024, "peak_rss_workers_mb": kids_kb / 1024}
@@ -225,7 +226,7 @@ def child_stages(args) -> dict:
         start = time.perf_counter()
         for i, batch in enumerate(loader):
             module.test_step(to_device(batch), i)
-        result = module.evaluation.compute_uncached()
+        result = module.category_result()
         sync()
         return time.perf_counter() - start, result
 
@@ -261,7 +262,7 @@ def child_stages(args) -> dict:
                 t = tick("segmentation", t)
             module.evaluation.update(torch.stack(scores, dim=1), torch.stack(maps, dim=1), masks, labels, indices)
             t = tick("metrics", t)
-        stages["result"] = module.evaluation.compute_uncached()
+        stages["result"] = module.category_result()
         tick("metrics", t)
         return stages
 
@@ -495,6 +496,7 @@ def child_cli(args) -> dict:
         "wall_s_per_image": wall / n_images,
         "loop_s_per_image": (marks["loop_end"] - marks["loop_start"]) / n_images,
         "foreign_cpu_share": load.share,
+        "scipy_imported": "scipy" in sys.modules,
         **_peak_rss_mb(),
     }
 
@@ -513,6 +515,10 @@ def _run_child(kind: str, args, root: Path, category: str, model: Path) -> dict:
         out = json.loads(result_file.read_text())
         out["process_wall_s"] = time.perf_counter() - start
         return out
+
+
+def _mib(mib: float) -> str:
+    return f"{mib:,.0f} MiB ({mib * 2**20 / 1e9:.3f} GB)"
 
 
 def _report(args, stages: dict | None, cli_run: dict | None) -> None:
@@ -538,8 +544,9 @@ def _report(args, stages: dict | None, cli_run: dict | None) -> None:
             print(f"  aggregation speed-up over the original's chain: {speedup:.1f}x")
         print(f"RATIO total / (backbone + kNN) = {stages['ratio']:.3f}")
         gpu = stages.get("gpu_peak_allocated_mb")
-        print(f"peak RSS {stages['peak_rss_mb']:.0f} MB (workers {stages['peak_rss_workers_mb']:.0f} MB)"
-              + (f", GPU peak allocated {gpu:.0f} MB" if gpu is not None else ""))
+        print(f"peak RSS {_mib(stages['peak_rss_mb'])} (workers {stages['peak_rss_workers_mb']:.0f} MiB; this process "
+              "also ran the staged passes and the timings alone)"
+              + (f", GPU peak allocated {gpu:.0f} MiB" if gpu is not None else ""))
         print("metrics: " + ", ".join(f"{k} {v:.6f}" for k, v in stages["metrics"].items()))
         for key in ("passes_foreign_cpu_share", "alone_foreign_cpu_share"):
             if stages[key] > 0.05:
@@ -555,8 +562,11 @@ def _report(args, stages: dict | None, cli_run: dict | None) -> None:
     if cli_run:
         print(f"\n== lightning_cli.py test, {cli_run['n_images']} images: wall {cli_run['wall_s']:.1f} s "
               f"({ms(cli_run['wall_s_per_image'])}/img with start-up; "
-              f"test loop {ms(cli_run['loop_s_per_image'])}/img), peak RSS {cli_run['peak_rss_mb']:.0f} MB "
-              f"(workers {cli_run['peak_rss_workers_mb']:.0f} MB each at most)")
+              f"test loop {ms(cli_run['loop_s_per_image'])}/img)")
+        print(f"PEAK RSS of the evaluation (CLI main process) {_mib(cli_run['peak_rss_mb'])}; DataLoader workers "
+              f"{cli_run['peak_rss_workers_mb']:.0f} MiB each at most; scipy "
+              + ("imported (torchmetrics imports it when installed, e.g. by the test extras: ~50 MiB)"
+                 if cli_run.get("scipy_imported") else "not installed (the runtime install)"))
         if stages:
             alone = stages["alone_s_per_image"]
             ratio = cli_run["loop_s_per_image"] / (alone["backbone"] + alone["knn"])

@@ -430,9 +430,13 @@ class PatchCoreModule(L.LightningModule):
                 empty,
                 empty,
             )
-        release_free_heap()  # the batches' working memory, before the category's maps are normalised
-        self.result = self.evaluation.compute_uncached()
+        self.result = self.category_result()
         return self.result
+
+    def category_result(self) -> dict:
+        """The category's metrics and normalised outputs from the accumulated (under DDP, gathered) states."""
+        release_free_heap()  # the batches' working memory, before the category's maps are normalised
+        return self.evaluation.compute_uncached()
 
     @property
     def member_descriptions(self) -> list[str]:

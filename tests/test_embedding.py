@@ -59,6 +59,9 @@ def test_channel_pooling_is_adaptive_avg_pool1d_bit_for_bit(n, size):
     expected = F.adaptive_avg_pool1d(x.permute(0, 2, 3, 1).reshape(-1, 1, n), size)  # (B*3*5, 1, size)
     expected = expected.view(2, 3, 5, size).permute(0, 3, 1, 2)
     assert torch.equal(adaptive_avg_pool_channels(x, size), expected)
+    # rows (N, n): short windows by strided sums, long ones (more than _POOL1D_ABOVE entries) by torch's kernel
+    rows = x.permute(0, 2, 3, 1).reshape(-1, n)  # (B*3*5, n)
+    assert torch.equal(adaptive_avg_pool_channels(rows, size), expected.permute(0, 2, 3, 1).reshape(-1, size))
 
 
 @pytest.mark.parametrize(
