@@ -204,6 +204,8 @@ def _resized_pooled_patches(
     H0, W0 = grid
     p2 = patchsize * patchsize
     a, b, _ = _phases(C * p2, size)
+    if a == p2 and b == 1 and C % 64 == 0:  # every window is one channel's block (WideResNet50's layer3 to 1024)
+        return _resized_block_means(feats, patchsize, stride, grid)
     unit = math.lcm(a, p2, 64) // p2  # channels per smallest slice
     per_channel = B * H0 * W0 * p2 * feats.element_size()  # bytes of one channel's resized blocks
     step = max(unit, chunk_bytes // per_channel // unit * unit)  # channels per slice
@@ -216,6 +218,31 @@ def _resized_pooled_patches(
         o0, o1 = c0 * p2 // a * b, c1 * p2 // a * b  # outputs of the slice's groups (c1 * p2 is a multiple of a)
         out[:, :, o0:o1] = adaptive_avg_pool_channels(rows, o1 - o0).view(B, H0 * W0, o1 - o0)
     return out
+
+
+def _resized_block_means(feats: torch.Tensor, patchsize: int, stride: int, grid: tuple[int, int]) -> torch.Tensor:
+    """``_resized_pooled_patches`` when every window is one channel's p×p block: (B, C, h, w) → (B, H0*W0, C).
+
+    The pooled value of channel c is the sum of its p² resized block entries in block order, divided
+    by p². Entry k of every channel is the padded map shifted by (ky, kx); resizing is per channel,
+    so the entries are resized a whole shifted map at a time and summed in that order: the same
+    bits, without the (B, C*p*p, H0, W0) blocks. The caller makes sure C is a multiple of 64: the
+    channels_last resize kernel rounds its vector lanes and its scalar tail differently, and with
+    64 | C no channel of either layout falls in a tail.
+    """
+    B, C, h, w = feats.shape
+    pad = (patchsize - 1) // 2
+    H, W = patch_grid(h, patchsize, stride), patch_grid(w, patchsize, stride)
+    padded = F.pad(feats, (pad, pad, pad, pad))  # (B, C, h + 2pad, w + 2pad)
+    total = None
+    for ky in range(patchsize):
+        for kx in range(patchsize):
+            shifted = padded[:, :, ky : ky + stride * (H - 1) + 1 : stride, kx : kx + stride * (W - 1) + 1 : stride]
+            shifted = shifted.contiguous(memory_format=torch.channels_last)  # (B, C, H, W)
+            resized = F.interpolate(shifted, size=grid, mode="bilinear", align_corners=False)  # (B, C, H0, W0)
+            total = resized if total is None else total.add_(resized)
+    total = total.div_(patchsize * patchsize).contiguous(memory_format=torch.channels_last)
+    return total.permute(0, 2, 3, 1).reshape(B, grid[0] * grid[1], C)  # a view of the channels_last sums
 
 
 def embed(

@@ -93,6 +93,9 @@ def test_fused_patch_pooling_is_unfold_then_pool_bit_for_bit(C, patchsize, strid
         ([(2, 12, 9, 9), (2, 20, 9, 9)], 3, 64, 48),  # equal grids: both layers fused
         ([(2, 8, 12, 12), (2, 16, 6, 6), (2, 4, 3, 3)], 3, 40, 24),  # coarser layers resized
         ([(1, 6, 10, 9), (1, 10, 5, 5)], 5, 33, 70),  # p = 5, non-square, pooling grows
+        ([(1, 8, 8, 8), (1, 64, 4, 4)], 3, 64, 24),  # windows of one channel's block: shifted maps resized
+        ([(1, 6, 10, 9), (1, 64, 5, 5)], 5, 64, 12),  # the same with p = 5
+        ([(1, 6, 10, 9), (1, 10, 5, 5)], 5, 10, 12),  # one channel's block, but 10 channels: blocks resized
     ],
 )
 def test_embed_is_the_literal_chain_bit_for_bit(shapes, patchsize, pre, target):
@@ -159,3 +162,20 @@ def test_resizing_in_channel_slices_is_bit_for_bit_and_bounded(monkeypatch, C, p
     assert sum(resized) == C * patchsize**2 * entry_bytes  # every entry resized once
     assert max(resized) <= max(chunk_bytes, smallest)
     assert len(resized) == (1 if chunk_bytes == 1 << 30 or pre == 1024 else -(-sum(resized) // max(resized)))
+
+
+def test_one_channel_windows_never_build_the_blocks(monkeypatch):
+    """WideResNet50's layer3 to 1024 (windows of one channel's 3x3 block, 64 | C): the shifted maps are
+    resized and summed; no (B, C*p*p, h, w) blocks are made (they are 9x the layer, 29 MB resized)."""
+    from patchcore_lightning import embedding
+
+    g = torch.Generator().manual_seed(5)
+    maps = [torch.randn(1, 32, 8, 8, generator=g), torch.randn(1, 128, 4, 4, generator=g)]
+    expected = aggregate_layers([patchify(m, 3) for m in maps], 128, 64)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("blocks built")
+
+    monkeypatch.setattr(embedding, "_patchify_channels_last", refuse)
+    ours, _ = embed(maps, 3, 1, 128, 64)
+    assert torch.equal(ours, expected)
