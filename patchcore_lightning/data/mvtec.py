@@ -233,7 +233,9 @@ class MVTecDataModule(L.LightningDataModule):
         worker_niceness: added to the workers' nice value (``os.nice``) when the model runs on the
             CPU, so that image decoding takes the cores when the backbone's threads leave them idle
             instead of preempting them (on a few cores, a preempted thread stalls all the others at
-            the next barrier). 0 keeps the workers at the main process's priority.
+            the next barrier). 0 keeps the workers at the main process's priority. The default, the
+            lowest priority (19), ran the CLI's test loop 13 % faster than 10 on 2 cores with 1024²
+            PNGs (166-170 vs 192-196 ms per image, alternating runs).
         synthetic: generate the demo's synthetic categories under ``root`` where they are missing
             (``patchcore_lightning.data.synthetic``; categories weave, grain, tiles).
         predict_dir: for ``predict``: a folder of images (any layout, searched recursively).
@@ -247,7 +249,7 @@ class MVTecDataModule(L.LightningDataModule):
         imagesize: int = 224,
         batch_size: int = 2,
         num_workers: int = 4,
-        worker_niceness: int = 10,
+        worker_niceness: int = 19,
         synthetic: bool = False,
         predict_dir: str | None = None,
     ) -> None:
