@@ -49,9 +49,9 @@ def embed_images(
 
     On the CPU one image at a time: the same bits as the whole batch (every patch feature depends
     on its own image only), with working memory, which is the process's RSS, bounded by one image
-    instead of growing with the batch (the layer3 blocks resized to the layer2 grid alone are 29 MB
-    per 224² image with WideResNet50). On a GPU the batch goes in one call: per-image kernel
-    launches would cost more than that memory.
+    instead of growing with the batch, and an image's intermediate maps (a few MB with
+    WideResNet50 at 224²) staying in the caches. On a GPU the batch goes in one call: per-image
+    kernel launches would cost more than that memory.
     """
     B = layer_feats[0].shape[0]
     if B <= 1 or layer_feats[0].device.type != "cpu":
