@@ -123,17 +123,27 @@ def adaptive_avg_pool_channels(x: torch.Tensor, size: int) -> torch.Tensor:
     return out.div_(widths.to(x.dtype).view(1, size, 1)).view(B, size, *rest)
 
 
+def _padded(feats: torch.Tensor, patchsize: int, stride: int) -> tuple[torch.Tensor, int, int]:
+    """The zero-padded maps and the patch grid: (B, C, h, w) → (B, C, h + 2pad, w + 2pad), H, W."""
+    pad = (patchsize - 1) // 2
+    h, w = feats.shape[-2:]
+    return F.pad(feats, (pad, pad, pad, pad)), patch_grid(h, patchsize, stride), patch_grid(w, patchsize, stride)
+
+
+def _shifted(padded: torch.Tensor, ky: int, kx: int, stride: int, H: int, W: int) -> torch.Tensor:
+    """Block entry (ky, kx) of every patch: the padded maps (..., h + 2pad, w + 2pad) read at the
+    patch positions shifted by (ky, kx). → (..., H, W), a view"""
+    return padded[..., ky : ky + stride * (H - 1) + 1 : stride, kx : kx + stride * (W - 1) + 1 : stride]
+
+
 def _patchify_channels_last(feats: torch.Tensor, patchsize: int, stride: int = 1) -> torch.Tensor:
     """``patchify(feats, p, stride)`` in channels_last memory: (B, C*p*p, h', w'), each block contiguous."""
-    B, C, h, w = feats.shape
-    pad = (patchsize - 1) // 2
-    H, W = patch_grid(h, patchsize, stride), patch_grid(w, patchsize, stride)
-    padded = F.pad(feats, (pad, pad, pad, pad)).permute(0, 2, 3, 1)  # (B, h + 2pad, w + 2pad, C) view
+    B, C = feats.shape[:2]
+    padded, H, W = _padded(feats, patchsize, stride)  # (B, C, h + 2pad, w + 2pad)
     out = feats.new_empty(B, H, W, C, patchsize * patchsize)  # (B, H, W, C, p*p): entry c*p*p + ky*p + kx
     for ky in range(patchsize):
         for kx in range(patchsize):
-            out[..., ky * patchsize + kx] = padded[:, ky : ky + stride * (H - 1) + 1 : stride,
-                                                   kx : kx + stride * (W - 1) + 1 : stride]
+            out[..., ky * patchsize + kx] = _shifted(padded, ky, kx, stride, H, W).permute(0, 2, 3, 1)
     return out.view(B, H, W, -1).permute(0, 3, 1, 2)  # (B, C*p*p, H, W), channels_last
 
 
@@ -142,22 +152,19 @@ def _pooled_patches(feats: torch.Tensor, patchsize: int, stride: int, size: int)
 
     (B, C, h, w) → (B, size, h', w').
     """
-    B, C, h, w = feats.shape
+    B, C = feats.shape[:2]
     p2 = patchsize * patchsize
     a, b, phases = _phases(C * p2, size)
     if size == 1 or a % p2 or b > _MAX_PHASES:  # windows not of whole channels, or a mean: pool the blocks
         return adaptive_avg_pool_channels(patchify(feats, patchsize, stride), size)
     per_group = a // p2  # channels per group of a block entries
     g = C // per_group  # groups
-    pad = (patchsize - 1) // 2
-    H, W = patch_grid(h, patchsize, stride), patch_grid(w, patchsize, stride)
-    padded = F.pad(feats.contiguous(), (pad, pad, pad, pad))  # (B, C, h + 2pad, w + 2pad)
+    padded, H, W = _padded(feats.contiguous(), patchsize, stride)  # (B, C, h + 2pad, w + 2pad)
 
     def entry(j: int) -> torch.Tensor:
         """Block entry j of every group: channels j//p² + k*per_group, shifted by (ky, kx). (B, g, H, W)"""
         c, (ky, kx) = j // p2, divmod(j % p2, patchsize)
-        rows, cols = slice(ky, ky + stride * (H - 1) + 1, stride), slice(kx, kx + stride * (W - 1) + 1, stride)
-        return padded[:, c::per_group, rows, cols]
+        return _shifted(padded[:, c::per_group], ky, kx, stride, H, W)
 
     out = feats.new_empty(B, g, b, H, W)  # (B, g, b, H, W): output channel q*b + r
     for r, (start, width) in enumerate(phases):
@@ -230,15 +237,13 @@ def _resized_block_means(feats: torch.Tensor, patchsize: int, stride: int, grid:
     channels_last resize kernel rounds its vector lanes and its scalar tail differently, and with
     64 | C no channel of either layout falls in a tail.
     """
-    B, C, h, w = feats.shape
-    pad = (patchsize - 1) // 2
-    H, W = patch_grid(h, patchsize, stride), patch_grid(w, patchsize, stride)
-    padded = F.pad(feats, (pad, pad, pad, pad))  # (B, C, h + 2pad, w + 2pad)
+    B, C = feats.shape[:2]
+    padded, H, W = _padded(feats, patchsize, stride)  # (B, C, h + 2pad, w + 2pad)
     total = None
     for ky in range(patchsize):
         for kx in range(patchsize):
-            shifted = padded[:, :, ky : ky + stride * (H - 1) + 1 : stride, kx : kx + stride * (W - 1) + 1 : stride]
-            shifted = shifted.contiguous(memory_format=torch.channels_last)  # (B, C, H, W)
+            shifted = _shifted(padded, ky, kx, stride, H, W)  # (B, C, H, W)
+            shifted = shifted.contiguous(memory_format=torch.channels_last)
             resized = F.interpolate(shifted, size=grid, mode="bilinear", align_corners=False)  # (B, C, H0, W0)
             total = resized if total is None else total.add_(resized)
     total = total.div_(patchsize * patchsize).contiguous(memory_format=torch.channels_last)
