@@ -46,6 +46,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+ENV_KEEP_TRITON_HINT = "PATCHCORE_IMPORT_TRITON=1 or installed elsewhere: ~80 MiB more"
+
 # The package, torch and Lightning are imported inside the functions: the parent process stays
 # small, and every child's peak RSS is its own.
 
@@ -577,7 +579,9 @@ def _report(args, stages: dict | None, cli_run: dict | None) -> None:
         print(f"PEAK RSS of the evaluation (CLI main process) {_mib(cli_run['peak_rss_mb'])}; DataLoader workers "
               f"{cli_run['peak_rss_workers_mb']:.0f} MiB each at most; scipy "
               + ("imported (torchmetrics imports it when installed, e.g. by the test extras: ~50 MiB)"
-                 if cli_run.get("scipy_imported") else "not installed (the runtime install)"))
+                 if cli_run.get("scipy_imported") else "not installed (the runtime install)")
+              + ("; triton not imported (as lightning_cli.py)" if cli_run.get("triton_skipped")
+                 else f"; triton imported ({ENV_KEEP_TRITON_HINT})"))
         if stages:
             alone = _median([a["backbone"] + a["knn"] for a in stages["per_pass_alone_s_per_image"]])
             ratio = cli_run["loop_s_per_image"] / alone
@@ -635,7 +639,12 @@ def parse_args(argv=None):
 def main() -> None:
     args = parse_args()
     if args.child:
+        from patchcore_lightning.lean_imports import skip_triton
+
+        # as lightning_cli.py does; the JSON records it, the report prints it
+        triton_skipped = skip_triton()
         result = child_stages(args) if args.child == "stages" else child_cli(args)
+        result["triton_skipped"] = triton_skipped
         Path(args.child_out).write_text(json.dumps(result))
         return
     Path(args.workdir).mkdir(parents=True, exist_ok=True)
