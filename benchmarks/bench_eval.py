@@ -18,10 +18,11 @@
    the seed in the process (no file); ``null`` is the ImageNet file; any other value a file.
 3. ``stages`` (a child process): the test split through ``PatchCoreModule`` as Lightning's test loop
    drives it. ``--repeats`` passes call ``test_step`` and then the metric's ``compute`` (the real
-   path: total, images/s), interleaved with as many passes that run ``member_outputs``' stages one by one,
-   timed (data, backbone, aggregation, kNN, segmentation, metrics). Then the backbone alone and
-   the kNN alone on one batch (``--micro-repeats`` calls each), and the ratio
-   total / (backbone + kNN). Medians throughout.
+   path: total, images/s), then as many passes that run ``member_outputs``' stages one by one,
+   timed (data, backbone, aggregation, kNN, segmentation, metrics). The backbone alone and the
+   kNN alone on one batch (``--micro-repeats`` calls each) are timed right before and right after
+   every real pass; the ratio total / (backbone + kNN) of a pass is over the mean of the two, and
+   the printed ratio is the median of the passes' ratios. Medians throughout.
 4. ``cli`` (a child process): ``lightning_cli.py test`` on the category, its wall time, the time of
    its test loop, and its peak RSS (``ru_maxrss`` of the process; DataLoader workers separately).
 
@@ -278,8 +279,10 @@ def child_stages(args) -> dict:
            "device_name": torch.cuda.get_device_name(device) if cuda else _cpu_name(),
            "torch_threads": torch.get_num_threads()}
 
-    # The backbone alone and the kNN alone on one batch: timed after every pass as well, so that each
-    # pass has its own denominator (this machine's speed drifts by 10 % within minutes).
+    # The backbone alone and the kNN alone on one batch: timed right before and right after every
+    # pass, so that each pass has its own denominator, the mean of the two (this machine's speed
+    # drifts by 10 % within minutes, and a neighbour's burst during one short timing would otherwise
+    # make that pass's ratio an outlier).
     extractor = module.extractors[module.members[0].extractor_key]
     images = first[0].float()
     B = images.shape[0]
@@ -299,12 +302,18 @@ def child_stages(args) -> dict:
     def alone_now(names) -> dict[str, float]:
         return {name: _time_calls(micro[name], args.micro_repeats, sync) / B for name in names}
 
-    totals, staged, per_pass_alone, staged_gap = [], [], [], 0.0
+    totals, staged, per_pass_alone, brackets, staged_gap = [], [], [], [], 0.0
     with _ForeignLoad() as load:
+        # The real passes first, back to back: the process as the CLI's, not yet through the staged
+        # passes' other allocation pattern (the heap those leave behind slowed the next real pass).
         for _ in range(args.repeats):
+            before = alone_now(("backbone", "knn"))
             seconds, result = real_pass()
+            after = alone_now(("backbone", "knn"))
             totals.append(seconds)
-            per_pass_alone.append(alone_now(("backbone", "knn")))
+            per_pass_alone.append({k: (before[k] + after[k]) / 2 for k in before})
+            brackets.append({"before": before, "after": after})
+        for _ in range(args.repeats):
             stages = staged_pass()
             # The transcription must compute what test_step computes (GPU kernels with atomics may
             # reorder float sums between runs, so a tolerance).
@@ -327,6 +336,7 @@ def child_stages(args) -> dict:
     out["stages_s_per_image"] = {k: _median([s[k] for s in staged]) / n_images for k in staged[0]}
     out["staged_total_s_per_image"] = _median([sum(s.values()) for s in staged]) / n_images
     out["per_pass_alone_s_per_image"] = per_pass_alone
+    out["per_pass_alone_brackets_s_per_image"] = brackets
     out["per_pass_ratios"] = [t / n_images / (a["backbone"] + a["knn"]) for t, a in zip(totals, per_pass_alone)]
 
     # Everything alone once more, the aggregation (ours and the original's chain) included.
@@ -344,7 +354,7 @@ def child_stages(args) -> dict:
         alone = alone_now(list(micro))
     out["alone_foreign_cpu_share"] = load.share
     out["alone_s_per_image"] = alone
-    # total / (backbone + kNN) of each pass with the backbone and kNN timed right after it; the median
+    # total / (backbone + kNN) of each pass with the backbone and kNN timed around it; the median
     out["ratio"] = _median(out["per_pass_ratios"])
 
     if args.large_banks:
@@ -555,7 +565,7 @@ def _report(args, stages: dict | None, cli_run: dict | None) -> None:
             print(f"  aggregation speed-up over the original's chain: {speedup:.1f}x")
         ratios = ", ".join(f"{r:.3f}" for r in stages["per_pass_ratios"])
         print(f"RATIO total / (backbone + kNN) = {stages['ratio']:.3f} (median of the passes: {ratios}; each pass "
-              "over the backbone and kNN alone timed right after it)")
+              "over the mean of the backbone and kNN alone timed right before and right after it)")
         gpu = stages.get("gpu_peak_allocated_mb")
         print(f"peak RSS {_mib(stages['peak_rss_mb'])} (workers {stages['peak_rss_workers_mb']:.0f} MiB; this process "
               "also ran the staged passes and the timings alone)"
@@ -619,7 +629,7 @@ def parse_args(argv=None):
                         help="kNN backend of the stage runs")
     parser.add_argument("--channels-last", type=int, choices=(0, 1), default=0,
                         help="run the backbone in channels_last (the stage runs only; the CLI runs as the module does)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--micro-repeats", type=int, default=7)
     parser.add_argument("--skip-original-chain", action="store_true",
                         help="do not time the original's aggregation chain")
