@@ -20,6 +20,8 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
+from . import png
+
 __all__ = ["IMAGE_EXTENSIONS", "IMAGENET_MEAN", "IMAGENET_STD", "DataError", "MVTecDataModule", "MVTecDataset", "Sample"]
 
 log = logging.getLogger(__name__)
@@ -96,10 +98,17 @@ def _read(path: Path, modes: tuple[str, ...]) -> Image.Image:
 
     Pixel for pixel ``Image.open(path).convert(modes[0])`` when the mode is ``modes[0]``, without
     convert's copy; raises what that raises (PIL decodes lazily: truncated files fail in ``load``).
+    8-bit RGB and gray PNGs are decoded by libspng (``png.py``); a file libspng or the chunk CRCs
+    reject goes to PIL, which then decodes or raises as the plain chain does.
     """
     with Image.open(path) as img:
         if img.mode not in modes:
             return img.convert(modes[0])
+        if png.fast_case(img):  # 8-bit RGB or gray PNG: libspng, the same pixels in less CPU
+            try:
+                return png.load_png(img, path)
+            except (ValueError, RuntimeError, OSError):
+                pass  # a damaged file: PIL decides, with its pixels or its error (the plain chain's message)
         img.load()
         return img
 
