@@ -1,8 +1,8 @@
 """Entry point: ``python lightning_cli.py {test,fit,predict} --config configs/<x>.yaml``."""
 
-from patchcore_lightning.lean_imports import skip_triton
+from patchcore_lightning.startup import prepare_process
 
-skip_triton()  # before Lightning imports torch._dynamo: see patchcore_lightning/lean_imports.py
+prepare_process()  # before torch is imported: no Triton, short OpenMP spin-waits (patchcore_lightning/startup.py)
 
 from patchcore_lightning.cli import main  # noqa: E402
 

@@ -593,6 +593,7 @@ def _report(args, stages: dict | None, cli_run: dict | None) -> None:
                  if cli_run.get("scipy_imported") else "not installed (the runtime install)")
               + ("; triton not imported (as lightning_cli.py)" if cli_run.get("triton_skipped")
                  else f"; triton imported ({ENV_KEEP_TRITON_HINT})"))
+        print(f"GOMP_SPINCOUNT {cli_run.get('gomp_spincount')} (the CLI's default is patchcore_lightning.startup's)")
         if stages:
             alone = _median([a["backbone"] + a["knn"] for a in stages["per_pass_alone_s_per_image"]])
             ratio = cli_run["loop_s_per_image"] / alone
@@ -650,12 +651,12 @@ def parse_args(argv=None):
 def main() -> None:
     args = parse_args()
     if args.child:
-        from patchcore_lightning.lean_imports import skip_triton
+        from patchcore_lightning.startup import prepare_process
 
         # as lightning_cli.py does; the JSON records it, the report prints it
-        triton_skipped = skip_triton()
+        prepared = prepare_process()
         result = child_stages(args) if args.child == "stages" else child_cli(args)
-        result["triton_skipped"] = triton_skipped
+        result.update(prepared, gomp_spincount=os.environ.get("GOMP_SPINCOUNT", "libgomp's default"))
         Path(args.child_out).write_text(json.dumps(result))
         return
     Path(args.workdir).mkdir(parents=True, exist_ok=True)

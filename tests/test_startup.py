@@ -1,4 +1,4 @@
-"""Triton kept out of the evaluation process (lightning_cli.py), and only there.
+"""What lightning_cli.py sets up before torch loads (no Triton, GOMP_SPINCOUNT), and only there.
 
 Each case runs in a fresh interpreter: the pytest process has long imported torch and Lightning.
 """
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from patchcore_lightning import lean_imports
+from patchcore_lightning import startup
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -31,7 +31,8 @@ print("LOADED", sys.modules.get("triton") is not None, "HAS", t.has_triton_packa
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    environment.pop("PATCHCORE_IMPORT_TRITON", None)
+    for name in ("PATCHCORE_IMPORT_TRITON", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+        environment.pop(name, None)
     environment.update(env)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, cwd=ROOT)
 
@@ -42,7 +43,7 @@ def test_lightning_imports_triton_unless_skipped():
     assert plain.returncode == 0, plain.stderr
     assert "LOADED True HAS True" in plain.stdout  # what skip_triton exists for
 
-    skipped = _run("from patchcore_lightning.lean_imports import skip_triton\nassert skip_triton()\n" + PROBE)
+    skipped = _run("from patchcore_lightning.startup import skip_triton\nassert skip_triton()\n" + PROBE)
     assert skipped.returncode == 0, skipped.stderr
     assert "LOADED False HAS False" in skipped.stdout
     assert "triton" not in skipped.stderr.lower(), skipped.stderr  # flop_counter's warning is muted
@@ -58,8 +59,33 @@ def test_the_entry_point_skips_triton_before_lightning_is_imported():
 
 
 @needs_triton
+def test_the_entry_point_limits_openmp_spinning():
+    probe = "import os, runpy\nrunpy.run_path('lightning_cli.py')\nprint('SPIN', os.environ.get('GOMP_SPINCOUNT'))"
+    assert f"SPIN {startup.OPENMP_SPINCOUNT}" in _run(probe).stdout
+    # the user's choice stands
+    assert "SPIN 5" in _run(probe, GOMP_SPINCOUNT="5").stdout
+    assert "SPIN None" in _run(probe, OMP_WAIT_POLICY="passive").stdout
+
+
+def test_openmp_spin_is_only_set_before_torch_or_faiss_loads(monkeypatch):
+    monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert "torch" in sys.modules  # this process: libgomp has read its environment already
+    assert startup.limit_openmp_spin() is False
+    assert "GOMP_SPINCOUNT" not in os.environ
+    for loaded in ("torch", "faiss"):
+        monkeypatch.delitem(sys.modules, "torch")
+        monkeypatch.delitem(sys.modules, "faiss", raising=False)
+        monkeypatch.setitem(sys.modules, loaded, object())
+        assert startup.limit_openmp_spin() is False
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.delitem(sys.modules, "faiss", raising=False)
+    assert startup.limit_openmp_spin() is True
+    assert os.environ["GOMP_SPINCOUNT"] == startup.OPENMP_SPINCOUNT
+
+
 def test_environment_variable_keeps_triton():
-    probe = "from patchcore_lightning.lean_imports import skip_triton\nassert not skip_triton()\n" + PROBE
+    probe = "from patchcore_lightning.startup import skip_triton\nassert not skip_triton()\n" + PROBE
     result = _run(probe, PATCHCORE_IMPORT_TRITON="1")
     assert result.returncode == 0, result.stderr
     assert "LOADED True HAS True" in result.stdout
@@ -76,12 +102,12 @@ def test_importing_the_package_changes_nothing():
 def test_already_imported_triton_is_left_alone(monkeypatch):
     marker = object()
     monkeypatch.setitem(sys.modules, "triton", marker)
-    monkeypatch.delenv(lean_imports.ENV_KEEP_TRITON, raising=False)
-    assert lean_imports.skip_triton() is False
+    monkeypatch.delenv(startup.ENV_KEEP_TRITON, raising=False)
+    assert startup.skip_triton() is False
     assert sys.modules["triton"] is marker
 
 
 def test_bad_environment_value_is_named(monkeypatch):
-    monkeypatch.setenv(lean_imports.ENV_KEEP_TRITON, "yes")
+    monkeypatch.setenv(startup.ENV_KEEP_TRITON, "yes")
     with pytest.raises(ValueError, match=r"PATCHCORE_IMPORT_TRITON must be 0 or 1, got 'yes'"):
-        lean_imports.skip_triton()
+        startup.skip_triton()
