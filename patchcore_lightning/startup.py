@@ -1,4 +1,4 @@
-"""What the entry points set up before torch is imported: no Triton, short OpenMP spin-waits.
+"""What the entry points set up before torch is imported: no Triton, short OpenMP spin-waits for faiss.
 
 Called by ``lightning_cli.py`` and the benchmark's child processes through :func:`prepare_process`,
 never by importing the package: a library must not change its importer's process.
@@ -14,14 +14,16 @@ installed" (``torch.utils._triton.has_triton_package``). ``PATCHCORE_IMPORT_TRIT
 
 OpenMP. torch and faiss each bring their own GNU OpenMP runtime (two libgomp copies, two thread
 pools). After a parallel region a libgomp thread spins before it sleeps, by default 300,000 pause
-instructions, several milliseconds on this CPU: every switch between torch (backbone, aggregation,
-blur) and faiss (kNN) leaves the other library's threads spinning on the cores the next phase
-needs, and the DataLoader workers cannot decode meanwhile. :func:`limit_openmp_spin` sets
-``GOMP_SPINCOUNT=20000`` (well over the gaps between one library's back-to-back regions) unless
-``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` is set already. It changes no number, only who waits
-how. Measured with ``benchmarks/bench_eval.py`` on 2 cores: ratio total / (backbone + kNN) 1.263,
-1.266, 1.271 with the default (three runs), 1.202 with 20000 and 1.214 with 2000 (one run each);
-the kNN inside the loop took 56-63 ms/img against 47-48 alone by default, 47 against 49 with 20000.
+instructions, several milliseconds on this CPU. torch's threads need that: its backbone runs one
+parallel region after another, and threads that slept in the gaps wake late when the DataLoader
+workers hold the cores. faiss's do not: after each search (one per batch) its threads spun on the
+cores the blur and the next backbone pass needed. :func:`limit_openmp_spin` therefore loads torch
+first, with the environment as it is, and only then sets ``GOMP_SPINCOUNT=2000`` for the runtime
+faiss loads later; nothing when ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` is set by the user. It
+changes no number, only who waits how. Measured with ``benchmarks/bench_eval.py`` on 2 cores
+(ratio total / (backbone + kNN), one run each unless said): libgomp's default 1.263, 1.266, 1.271;
+``GOMP_SPINCOUNT=20000`` for both 1.177, 1.202, 1.223, 1.275 (the backbone inside the loop
+126-133 ms/img against 104-113 alone); 2000 for faiss only 1.173 (backbone 109.5 against 111-114).
 """
 
 from __future__ import annotations
@@ -29,32 +31,41 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["ENV_KEEP_TRITON", "OPENMP_SPINCOUNT", "limit_openmp_spin", "prepare_process", "skip_triton"]
+__all__ = [
+    "ENV_KEEP_TRITON", "ENV_SPIN_SET_HERE", "FAISS_SPINCOUNT", "limit_openmp_spin", "prepare_process", "skip_triton"
+]
 
 ENV_KEEP_TRITON = "PATCHCORE_IMPORT_TRITON"
-OPENMP_SPINCOUNT = "20000"
+ENV_SPIN_SET_HERE = "PATCHCORE_SET_GOMP_SPINCOUNT"  # marks a GOMP_SPINCOUNT that limit_openmp_spin set
+FAISS_SPINCOUNT = "2000"
 
 
 def prepare_process() -> dict[str, bool]:
-    """:func:`limit_openmp_spin`, then :func:`skip_triton` (which imports torch); what each did.
+    """:func:`limit_openmp_spin` (it imports torch, which does not import Triton), then :func:`skip_triton`.
 
-    Call before anything imports torch.
+    What each did. Call before anything imports torch.
     """
     spin_limited = limit_openmp_spin()
     return {"openmp_spin_limited": spin_limited, "triton_skipped": skip_triton()}
 
 
 def limit_openmp_spin() -> bool:
-    """Set ``GOMP_SPINCOUNT`` for the OpenMP runtimes torch and faiss load; True if set here.
+    """Load torch's OpenMP runtime as the environment says, then set ``GOMP_SPINCOUNT`` for faiss's.
 
-    libgomp reads its environment once, when it is loaded: nothing is set (False) once torch or
-    faiss is imported, nor when the user chose ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``.
+    True if set here. libgomp reads its environment once, when it is loaded: nothing is set once
+    faiss is imported, nor when the user chose ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY``. A value
+    this function set in a parent process (Lightning's DDP launcher starts the entry point again
+    with the parent's environment) is taken back before torch loads, so that every process splits
+    the same way.
     """
-    if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ:
+    if os.environ.get(ENV_SPIN_SET_HERE) == FAISS_SPINCOUNT and "torch" not in sys.modules:
+        os.environ.pop("GOMP_SPINCOUNT", None)
+        os.environ.pop(ENV_SPIN_SET_HERE)
+    if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ or "faiss" in sys.modules:
         return False
-    if "torch" in sys.modules or "faiss" in sys.modules:
-        return False
-    os.environ["GOMP_SPINCOUNT"] = OPENMP_SPINCOUNT
+    import torch  # noqa: F401  (its libgomp is loaded now, with libgomp's default spin)
+
+    os.environ["GOMP_SPINCOUNT"] = os.environ[ENV_SPIN_SET_HERE] = FAISS_SPINCOUNT
     return True
 
 

@@ -31,7 +31,7 @@ print("LOADED", sys.modules.get("triton") is not None, "HAS", t.has_triton_packa
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
     environment = {**os.environ, "PYTHONPATH": str(ROOT), **env}
-    for name in ("PATCHCORE_IMPORT_TRITON", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY"):
+    for name in ("PATCHCORE_IMPORT_TRITON", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY", startup.ENV_SPIN_SET_HERE):
         environment.pop(name, None)
     environment.update(env)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environment, cwd=ROOT)
@@ -58,32 +58,42 @@ def test_the_entry_point_skips_triton_before_lightning_is_imported():
     assert "LOADED False HAS False" in result.stdout
 
 
-@needs_triton
-def test_the_entry_point_limits_openmp_spinning():
-    probe = "import os, runpy\nrunpy.run_path('lightning_cli.py')\nprint('SPIN', os.environ.get('GOMP_SPINCOUNT'))"
-    assert f"SPIN {startup.OPENMP_SPINCOUNT}" in _run(probe).stdout
+SPIN_PROBE = """
+import os, sys, runpy
+runpy.run_path('lightning_cli.py')
+torch_libgomp = [line.split()[-1] for line in open('/proc/self/maps') if 'torch/lib/libgomp' in line]
+import faiss
+print('SPIN', os.environ.get('GOMP_SPINCOUNT'), 'TORCH_GOMP_LOADED', bool(torch_libgomp))
+"""
+
+
+def test_the_entry_point_limits_openmp_spinning_for_faiss_only():
+    # torch (and its libgomp) loaded before the value is set: libgomp reads it only when loaded
+    out = _run(SPIN_PROBE).stdout
+    assert f"SPIN {startup.FAISS_SPINCOUNT} TORCH_GOMP_LOADED True" in out
     # the user's choice stands
-    assert "SPIN 5" in _run(probe, GOMP_SPINCOUNT="5").stdout
-    assert "SPIN None" in _run(probe, OMP_WAIT_POLICY="passive").stdout
+    assert "SPIN 5" in _run(SPIN_PROBE, GOMP_SPINCOUNT="5").stdout
+    assert "SPIN None" in _run(SPIN_PROBE, OMP_WAIT_POLICY="passive").stdout
+    # a value set by a parent's entry point (the DDP launcher's children inherit it) is set again after torch
+    inherited = {"GOMP_SPINCOUNT": startup.FAISS_SPINCOUNT, startup.ENV_SPIN_SET_HERE: startup.FAISS_SPINCOUNT}
+    probe = "from patchcore_lightning import startup\nprint('SET', startup.limit_openmp_spin())"
+    assert "SET True" in _run(probe, **inherited).stdout
+    assert "SET False" in _run(probe, GOMP_SPINCOUNT=startup.FAISS_SPINCOUNT).stdout  # the user's own 2000
 
 
-def test_openmp_spin_is_only_set_before_torch_or_faiss_loads(monkeypatch):
+def test_openmp_spin_is_not_set_once_faiss_is_loaded(monkeypatch):
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert "torch" in sys.modules  # this process: libgomp has read its environment already
+    monkeypatch.delenv(startup.ENV_SPIN_SET_HERE, raising=False)
+    monkeypatch.setitem(sys.modules, "faiss", object())
     assert startup.limit_openmp_spin() is False
     assert "GOMP_SPINCOUNT" not in os.environ
-    for loaded in ("torch", "faiss"):
-        monkeypatch.delitem(sys.modules, "torch")
-        monkeypatch.delitem(sys.modules, "faiss", raising=False)
-        monkeypatch.setitem(sys.modules, loaded, object())
-        assert startup.limit_openmp_spin() is False
-    monkeypatch.delitem(sys.modules, "torch", raising=False)
-    monkeypatch.delitem(sys.modules, "faiss", raising=False)
+    monkeypatch.delitem(sys.modules, "faiss")
     assert startup.limit_openmp_spin() is True
-    assert os.environ["GOMP_SPINCOUNT"] == startup.OPENMP_SPINCOUNT
+    assert os.environ["GOMP_SPINCOUNT"] == os.environ[startup.ENV_SPIN_SET_HERE] == startup.FAISS_SPINCOUNT
 
 
+@needs_triton
 def test_environment_variable_keeps_triton():
     probe = "from patchcore_lightning.startup import skip_triton\nassert not skip_triton()\n" + PROBE
     result = _run(probe, PATCHCORE_IMPORT_TRITON="1")
