@@ -23,7 +23,8 @@ faiss loads later; nothing when ``GOMP_SPINCOUNT`` or ``OMP_WAIT_POLICY`` is set
 changes no number, only who waits how. Measured with ``benchmarks/bench_eval.py`` on 2 cores
 (ratio total / (backbone + kNN), one run each unless said): libgomp's default 1.263, 1.266, 1.271;
 ``GOMP_SPINCOUNT=20000`` for both 1.177, 1.202, 1.223, 1.275 (the backbone inside the loop
-126-133 ms/img against 104-113 alone); 2000 for faiss only 1.173 (backbone 109.5 against 111-114).
+126-133 ms/img against 104-113 alone); 2000 for faiss only 1.173 and 1.209 (backbone 109.5-109.8
+against 103-114 alone).
 """
 
 from __future__ import annotations
