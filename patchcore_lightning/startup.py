@@ -59,9 +59,9 @@ def limit_openmp_spin() -> bool:
     with the parent's environment) is taken back before torch loads, so that every process splits
     the same way.
     """
-    if os.environ.get(ENV_SPIN_SET_HERE) == FAISS_SPINCOUNT and "torch" not in sys.modules:
-        os.environ.pop("GOMP_SPINCOUNT", None)
-        os.environ.pop(ENV_SPIN_SET_HERE)
+    inherited = os.environ.pop(ENV_SPIN_SET_HERE, None)
+    if inherited is not None and inherited == os.environ.get("GOMP_SPINCOUNT") and "torch" not in sys.modules:
+        del os.environ["GOMP_SPINCOUNT"]  # ours, from a parent process: not the user's choice
     if "GOMP_SPINCOUNT" in os.environ or "OMP_WAIT_POLICY" in os.environ or "faiss" in sys.modules:
         return False
     import torch  # noqa: F401  (its libgomp is loaded now, with libgomp's default spin)
