@@ -75,7 +75,8 @@ def skip_triton() -> bool:
 
     Has no effect when Triton is already imported (blocking then would break its importers) or when
     ``PATCHCORE_IMPORT_TRITON=1``. Only ``torch.compile`` with the inductor backend on a GPU needs
-    Triton; it then fails loudly ("Cannot find a working triton installation"), never silently.
+    Triton, and torch then believes it is not installed (not exercised here: no GPU, and nothing
+    in this package compiles).
     """
     keep = os.environ.get(ENV_KEEP_TRITON, "0")
     if keep not in ("0", "1"):

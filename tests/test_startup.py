@@ -30,7 +30,7 @@ print("LOADED", sys.modules.get("triton") is not None, "HAS", t.has_triton_packa
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
-    environment = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    environment = {**os.environ, "PYTHONPATH": str(ROOT)}
     for name in ("PATCHCORE_IMPORT_TRITON", "GOMP_SPINCOUNT", "OMP_WAIT_POLICY", startup.ENV_SPIN_SET_HERE):
         environment.pop(name, None)
     environment.update(env)
