@@ -2,10 +2,12 @@
 
 The plain chain is the one the original (and this repository before) ran: ``Image.open(...).convert("RGB")``,
 ``Resize(resize)``, ``CenterCrop(imagesize)``, ``ToTensor``, ``Normalize``; the mask opened as L, resized
-and cropped. Both run in this process, single-threaded, on the same files, alternating per item (so a
-neighbour's load hits both alike); every pair of outputs is checked to be bit-identical. Reported: the
-median CPU time (``time.process_time``) per item of each, for items with a mask (defect images) and
-without (good images), and the ratio of the medians.
+and cropped. Three variants run in this process, single-threaded, on the same files, in sweeps over the
+items whose order alternates from repeat to repeat: the plain chain with PIL's default memory settings
+(as the original's workers run it), ours with PIL keeping freed image buffers (as our DataLoader
+workers run it, ``PIL_CACHED_BLOCKS``), and ours without that cache. Every item's outputs are
+checked to be bit-identical across the three. Reported: the median CPU time (``time.process_time``)
+per item of each, for items with a mask (defect images) and without (good images), and plain / ours.
 
     python benchmarks/bench_data.py --root /tmp/bench_eval/data_1024px_60train_150test --category weave
     python benchmarks/bench_data.py --root ... --gray     # the same images as 8-bit grayscale PNGs
@@ -26,7 +28,14 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from patchcore_lightning.data.mvtec import IMAGENET_MEAN, IMAGENET_STD, MVTecDataset, Sample, list_samples
+from patchcore_lightning.data.mvtec import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    PIL_CACHED_BLOCKS,
+    MVTecDataset,
+    Sample,
+    list_samples,
+)
 
 log = logging.getLogger("bench_data")
 
@@ -92,30 +101,39 @@ def main() -> None:
                 args.repeats,
                 torch.get_num_threads(),
             )
+        # name -> (item function, PIL's cached image blocks while it runs): the plain chain as the
+        # original's workers run it (PIL's default), ours as our workers run it, and ours without
+        # the block cache (what the cache saves).
+        variants = {
+            "plain": (lambda i: plain_item(samples[i], args.resize, args.imagesize), 0),
+            "ours": (lambda i: dataset[i][:2], PIL_CACHED_BLOCKS),
+            "ours, no block cache": (lambda i: dataset[i][:2], 0),
+        }
         for kind, indices in kinds.items():
-            times: dict[str, list[float]] = {"plain": [], "ours": []}
+            times: dict[str, list[float]] = {name: [] for name in variants}
             for r in range(args.repeats):
-                for k, index in enumerate(indices):
-                    order = ("plain", "ours") if (r + k) % 2 == 0 else ("ours", "plain")
-                    out = {}
-                    for name in order:
+                # whole sweeps per variant (switching the cache per item would empty it), alternating order
+                outputs = {}
+                for name in list(variants)[:: 1 if r % 2 == 0 else -1]:
+                    item, blocks = variants[name]
+                    Image.core.set_blocks_max(blocks)  # 0 also frees what is cached
+                    outputs[name] = []
+                    for index in indices:
                         start = time.process_time()
-                        if name == "plain":
-                            out[name] = plain_item(samples[index], args.resize, args.imagesize)
-                        else:
-                            out[name] = dataset[index][:2]
+                        outputs[name].append(item(index))
                         times[name].append(time.process_time() - start)
-                    for a, b in zip(out["plain"], out["ours"]):
-                        assert torch.equal(a, b), f"outputs differ for {samples[index].image}"
-            plain, ours = (statistics.median(times[n]) * 1e3 for n in ("plain", "ours"))
+                for index, *outs in zip(indices, *outputs.values()):
+                    for out in outs[1:]:
+                        for a, b in zip(outs[0], out):
+                            assert torch.equal(a, b), f"outputs differ for {samples[index].image}"
+            medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
             log.info(
-                "%-13s %3d items x %d: plain %6.2f ms, ours %6.2f ms (median CPU per item), ratio %.2fx",
+                "%-13s %3d items x %d: %s (median CPU per item); plain / ours %.2fx",
                 kind,
                 len(indices),
                 args.repeats,
-                plain,
-                ours,
-                plain / ours,
+                ", ".join(f"{name} {ms:6.2f} ms" for name, ms in medians.items()),
+                medians["plain"] / medians["ours"],
             )
     finally:
         if tmp:

@@ -110,3 +110,24 @@ def test_cpu_workers_yield_to_the_model(niceness):
     assert os.nice(0) == base  # the main process keeps its priority
     with pytest.raises(ValueError, match="worker_niceness must be in 0..19, got 20"):
         MVTecDataModule(categories=["weave"], worker_niceness=20)
+
+
+class _BlocksProbe(torch.utils.data.Dataset):
+    """Each item is how many freed image buffers PIL keeps in the process that loads it."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int:
+        return Image.core.get_blocks_max()
+
+
+@pytest.mark.parametrize("niceness", [0, 19])
+def test_workers_let_pil_reuse_image_buffers(niceness):
+    from patchcore_lightning.data.mvtec import PIL_CACHED_BLOCKS
+
+    dm = MVTecDataModule(categories=["weave"], num_workers=1, worker_niceness=niceness)
+    main = Image.core.get_blocks_max()
+    loaded = [int(x) for batch in dm._loader(_BlocksProbe()) for x in batch]
+    assert loaded == [max(main, PIL_CACHED_BLOCKS)] * 2
+    assert Image.core.get_blocks_max() == main  # the main process keeps PIL's setting
