@@ -2,12 +2,16 @@
 
 The plain chain is the one the original (and this repository before) ran: ``Image.open(...).convert("RGB")``,
 ``Resize(resize)``, ``CenterCrop(imagesize)``, ``ToTensor``, ``Normalize``; the mask opened as L, resized
-and cropped. Three variants run in this process, single-threaded, on the same files, in sweeps over the
-items whose order alternates from repeat to repeat: the plain chain with PIL's default memory settings
-(as the original's workers run it), ours with PIL keeping freed image buffers (as our DataLoader
-workers run it, ``PIL_CACHED_BLOCKS``), and ours without that cache. Every item's outputs are
-checked to be bit-identical across the three. Reported: the median CPU time (``time.process_time``)
-per item of each, for items with a mask (defect images) and without (good images), and plain / ours.
+and cropped. Both run in this process, single-threaded, on the same files, alternating per item (so a
+neighbour's load hits both alike); every pair of outputs is checked to be bit-identical. Reported: the
+median CPU time (``time.process_time``) per item of each, for items with a mask (defect images) and
+without (good images), and the ratio of the medians.
+
+Then the test DataLoader as evaluation runs it (``MVTecDataModule``, ``--workers`` processes at the
+CPU's worker priority): the workers' CPU time and page faults per image over whole passes, with the
+PIL image-buffer cache the workers set up (``PIL_CACHED_BLOCKS``) and without it, alternating. In
+this process glibc already reuses the freed buffers, so the in-process comparison above cannot show
+what that cache saves in a freshly forked worker; this part does.
 
     python benchmarks/bench_data.py --root /tmp/bench_eval/data_1024px_60train_150test --category weave
     python benchmarks/bench_data.py --root ... --gray     # the same images as 8-bit grayscale PNGs
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import resource
 import shutil
 import statistics
 import tempfile
@@ -28,14 +33,8 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from patchcore_lightning.data.mvtec import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    PIL_CACHED_BLOCKS,
-    MVTecDataset,
-    Sample,
-    list_samples,
-)
+from patchcore_lightning.data import mvtec
+from patchcore_lightning.data.mvtec import IMAGENET_MEAN, IMAGENET_STD, MVTecDataset, Sample, list_samples
 
 log = logging.getLogger("bench_data")
 
@@ -76,6 +75,8 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=20, help="items of each kind (with / without mask)")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--gray", action="store_true", help="time grayscale copies of the images")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers of the loader passes (0: skip them)")
+    parser.add_argument("--loader-repeats", type=int, default=3, help="loader passes with and without the cache")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     torch.set_num_threads(1)
@@ -101,43 +102,70 @@ def main() -> None:
                 args.repeats,
                 torch.get_num_threads(),
             )
-        # name -> (item function, PIL's cached image blocks while it runs): the plain chain as the
-        # original's workers run it (PIL's default), ours as our workers run it, and ours without
-        # the block cache (what the cache saves).
-        variants = {
-            "plain": (lambda i: plain_item(samples[i], args.resize, args.imagesize), 0),
-            "ours": (lambda i: dataset[i][:2], PIL_CACHED_BLOCKS),
-            "ours, no block cache": (lambda i: dataset[i][:2], 0),
-        }
         for kind, indices in kinds.items():
-            times: dict[str, list[float]] = {name: [] for name in variants}
+            times: dict[str, list[float]] = {"plain": [], "ours": []}
             for r in range(args.repeats):
-                # whole sweeps per variant (switching the cache per item would empty it), alternating order
-                outputs = {}
-                for name in list(variants)[:: 1 if r % 2 == 0 else -1]:
-                    item, blocks = variants[name]
-                    Image.core.set_blocks_max(blocks)  # 0 also frees what is cached
-                    outputs[name] = []
-                    for index in indices:
+                for k, index in enumerate(indices):
+                    order = ("plain", "ours") if (r + k) % 2 == 0 else ("ours", "plain")
+                    out = {}
+                    for name in order:
                         start = time.process_time()
-                        outputs[name].append(item(index))
+                        if name == "plain":
+                            out[name] = plain_item(samples[index], args.resize, args.imagesize)
+                        else:
+                            out[name] = dataset[index][:2]
                         times[name].append(time.process_time() - start)
-                for index, *outs in zip(indices, *outputs.values()):
-                    for out in outs[1:]:
-                        for a, b in zip(outs[0], out):
-                            assert torch.equal(a, b), f"outputs differ for {samples[index].image}"
-            medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+                    for a, b in zip(out["plain"], out["ours"]):
+                        assert torch.equal(a, b), f"outputs differ for {samples[index].image}"
+            plain, ours = (statistics.median(times[n]) * 1e3 for n in ("plain", "ours"))
             log.info(
-                "%-13s %3d items x %d: %s (median CPU per item); plain / ours %.2fx",
+                "%-13s %3d items x %d: plain %6.2f ms, ours %6.2f ms (median CPU per item), ratio %.2fx",
                 kind,
                 len(indices),
                 args.repeats,
-                ", ".join(f"{name} {ms:6.2f} ms" for name, ms in medians.items()),
-                medians["plain"] / medians["ours"],
+                plain,
+                ours,
+                plain / ours,
             )
+        if args.workers > 0:
+            loader_passes(root, args)
     finally:
         if tmp:
             shutil.rmtree(tmp)
+
+
+def loader_passes(root: Path, args) -> None:
+    """Workers' CPU and page faults per image over whole test-loader passes, with and without PIL's block cache."""
+    dm = mvtec.MVTecDataModule(str(root), [args.category], args.resize, args.imagesize, num_workers=args.workers)
+    dm.setup("test")
+    n = len(dm.test_dataset)
+    cached = mvtec.PIL_CACHED_BLOCKS
+    cpu: dict[int, list[float]] = {cached: [], 0: []}
+    faults: dict[int, list[float]] = {cached: [], 0: []}
+    try:
+        for r in range(args.loader_repeats):
+            for blocks in (cached, 0) if r % 2 == 0 else (0, cached):
+                mvtec.PIL_CACHED_BLOCKS = blocks  # read by each worker as it starts (forked after this)
+                before = resource.getrusage(resource.RUSAGE_CHILDREN)
+                for _ in dm.test_dataloader():
+                    pass
+                after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers have exited and been reaped
+                seconds = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+                cpu[blocks].append(seconds / n * 1e3)
+                faults[blocks].append((after.ru_minflt - before.ru_minflt) / n)
+    finally:
+        mvtec.PIL_CACHED_BLOCKS = cached
+    for blocks in (cached, 0):
+        log.info(
+            "test loader, %d workers, PIL blocks cached %d: workers' CPU %6.2f ms per image (passes %s), "
+            "page faults %5.0f per image (median of %d passes)",
+            args.workers,
+            blocks,
+            statistics.median(cpu[blocks]),
+            ", ".join(f"{c:.1f}" for c in cpu[blocks]),
+            statistics.median(faults[blocks]),
+            len(cpu[blocks]),
+        )
 
 
 if __name__ == "__main__":
