@@ -225,11 +225,12 @@ class MVTecDataset(Dataset):
 
 
 # Freed image buffers PIL keeps for the next image in a worker. PIL hands every buffer back to the
-# C library by default, and a 1024² RGB image's 4 MiB come back as fresh pages: ~2,000 page faults
-# per item, ~5 ms of a 1024² item's ~29 ms of CPU here (benchmarks/bench_data.py). An item holds
-# at most 4 buffers at once (decoded image and mask, each resized through an intermediate), so 4
-# cached blocks make those faults go away (47 per item); a block is at most PIL's block size
-# (16 MiB), in practice the largest image's size, and stays in the worker only.
+# C library by default, and in a forked worker a 1024² RGB image's 4 MiB came back as fresh pages
+# every time: with 4 kept, the workers' page faults per image went 1,621 -> 355 and their CPU 29.5
+# -> 26.0 ms (benchmarks/bench_data.py, loader passes). An item uses about 4 buffers at a time (the
+# decoded image and mask, a resize's intermediate and output; 2 kept buffers saved nothing in a
+# single-process trial). A block is at most PIL's block size (16 MiB), in practice an image's size,
+# and stays in the worker.
 PIL_CACHED_BLOCKS = 4
 
 
