@@ -131,3 +131,23 @@ def test_workers_let_pil_reuse_image_buffers(niceness):
     loaded = [int(x) for batch in dm._loader(_BlocksProbe()) for x in batch]
     assert loaded == [max(main, PIL_CACHED_BLOCKS)] * 2
     assert Image.core.get_blocks_max() == main  # the main process keeps PIL's setting
+
+
+class _PolicyProbe(torch.utils.data.Dataset):
+    """Each item is the scheduling policy of the process that loads it."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, index: int) -> int:
+        return os.sched_getscheduler(0)
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux's SCHED_IDLE policy")
+@pytest.mark.parametrize("idle", [True, False])
+def test_cpu_workers_can_take_only_idle_cycles(idle):
+    dm = MVTecDataModule(categories=["weave"], num_workers=1, worker_idle_policy=idle)
+    main = os.sched_getscheduler(0)
+    loaded = [int(x) for batch in dm._loader(_PolicyProbe()) for x in batch]
+    assert loaded == [os.SCHED_IDLE if idle else main] * 2
+    assert os.sched_getscheduler(0) == main  # the main process keeps its policy
