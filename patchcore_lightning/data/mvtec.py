@@ -270,11 +270,12 @@ class MVTecDataModule(L.LightningDataModule):
         worker_idle_policy: on the CPU, also run the workers under Linux's SCHED_IDLE scheduling
             policy (elsewhere, or where it is not permitted, the nice value alone): a worker then
             gets a core only while no thread of the model wants it, and is preempted at once when
-            one does, instead of holding up one of the model's threads inside a parallel region
-            while the other waits. In one process with alternating passes on 2 cores it ran the
-            test loop faster in 7 of 9 pairs (medians 186 vs 198 ms per image). On a machine busy
-            with other work, idle-policy workers (like nice-19 ones, only more so) get little CPU:
-            set this false and lower ``worker_niceness`` there.
+            one does (a nice-19 worker may keep a core for a while, most likely holding up one of
+            the model's threads inside a parallel region while the other waits). In one process
+            with alternating passes on 2 cores it ran the test loop faster in 7 of 9 pairs
+            (medians 186 vs 198 ms per image). On a machine busy with other work, idle-policy
+            workers (like nice-19 ones, only more so) get little CPU: set this false and lower
+            ``worker_niceness`` there.
         synthetic: generate the demo's synthetic categories under ``root`` where they are missing
             (``patchcore_lightning.data.synthetic``; categories weave, grain, tiles).
         predict_dir: for ``predict``: a folder of images (any layout, searched recursively).
