@@ -91,35 +91,40 @@ def test_ddp_shards_are_whole_single_process_batches():
     assert seen == [[[0, 1], [6, 7]], [[2, 3], [8, 9]], [[4, 5], [10]]]
 
 
-class _NiceProbe(torch.utils.data.Dataset):
-    """Each item is the nice value of the process that loads it."""
+def _nice_value() -> int:
+    return os.nice(0)
+
+
+def _pil_cached_blocks() -> int:
+    return Image.core.get_blocks_max()
+
+
+def _scheduling_policy() -> int:
+    return os.sched_getscheduler(0)
+
+
+class _ProcessProbe(torch.utils.data.Dataset):
+    """Two items, each ``read()`` in the process that loads it (a worker's own settings)."""
+
+    def __init__(self, read) -> None:
+        self.read = read
 
     def __len__(self) -> int:
         return 2
 
     def __getitem__(self, index: int) -> int:
-        return os.nice(0)
+        return self.read()
 
 
 @pytest.mark.parametrize("niceness", [0, 7])
 def test_cpu_workers_yield_to_the_model(niceness):
     dm = MVTecDataModule(categories=["weave"], num_workers=1, worker_niceness=niceness)
     base = os.nice(0)
-    loaded = [int(x) for batch in dm._loader(_NiceProbe()) for x in batch]
+    loaded = [int(x) for batch in dm._loader(_ProcessProbe(_nice_value)) for x in batch]
     assert loaded == [min(base + niceness, 19)] * 2
     assert os.nice(0) == base  # the main process keeps its priority
     with pytest.raises(ValueError, match="worker_niceness must be in 0..19, got 20"):
         MVTecDataModule(categories=["weave"], worker_niceness=20)
-
-
-class _BlocksProbe(torch.utils.data.Dataset):
-    """Each item is how many freed image buffers PIL keeps in the process that loads it."""
-
-    def __len__(self) -> int:
-        return 2
-
-    def __getitem__(self, index: int) -> int:
-        return Image.core.get_blocks_max()
 
 
 @pytest.mark.parametrize("niceness", [0, 19])
@@ -128,19 +133,9 @@ def test_workers_let_pil_reuse_image_buffers(niceness):
 
     dm = MVTecDataModule(categories=["weave"], num_workers=1, worker_niceness=niceness)
     main = Image.core.get_blocks_max()
-    loaded = [int(x) for batch in dm._loader(_BlocksProbe()) for x in batch]
+    loaded = [int(x) for batch in dm._loader(_ProcessProbe(_pil_cached_blocks)) for x in batch]
     assert loaded == [max(main, PIL_CACHED_BLOCKS)] * 2
     assert Image.core.get_blocks_max() == main  # the main process keeps PIL's setting
-
-
-class _PolicyProbe(torch.utils.data.Dataset):
-    """Each item is the scheduling policy of the process that loads it."""
-
-    def __len__(self) -> int:
-        return 2
-
-    def __getitem__(self, index: int) -> int:
-        return os.sched_getscheduler(0)
 
 
 @pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux's SCHED_IDLE policy")
@@ -148,6 +143,6 @@ class _PolicyProbe(torch.utils.data.Dataset):
 def test_cpu_workers_can_take_only_idle_cycles(idle):
     dm = MVTecDataModule(categories=["weave"], num_workers=1, worker_idle_policy=idle)
     main = os.sched_getscheduler(0)
-    loaded = [int(x) for batch in dm._loader(_PolicyProbe()) for x in batch]
+    loaded = [int(x) for batch in dm._loader(_ProcessProbe(_scheduling_policy)) for x in batch]
     assert loaded == [os.SCHED_IDLE if idle else main] * 2
     assert os.sched_getscheduler(0) == main  # the main process keeps its policy

@@ -365,7 +365,7 @@ class MVTecDataModule(L.LightningDataModule):
             sampler = [i for k in range(trainer.global_rank, -(-N // B), W) for i in range(k * B, min((k + 1) * B, N))]
         strategy = getattr(trainer, "strategy", None)
         on_cpu = strategy is None or strategy.root_device.type == "cpu"
-        niceness = self.worker_niceness if on_cpu and self.num_workers > 0 else 0
+        niceness = self.worker_niceness if on_cpu else 0
         idle = self.worker_idle_policy and on_cpu
         return DataLoader(
             dataset,
