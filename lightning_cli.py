@@ -2,7 +2,7 @@
 
 from patchcore_lightning.startup import prepare_process
 
-prepare_process()  # before torch is imported: no Triton, short OpenMP spin-waits (patchcore_lightning/startup.py)
+prepare_process()  # before Lightning is imported: no Triton (patchcore_lightning/startup.py)
 
 from patchcore_lightning.cli import main  # noqa: E402
 

@@ -593,7 +593,8 @@ def _report(args, stages: dict | None, cli_run: dict | None) -> None:
                  if cli_run.get("scipy_imported") else "not installed (the runtime install)")
               + ("; triton not imported (as lightning_cli.py)" if cli_run.get("triton_skipped")
                  else f"; triton imported ({ENV_KEEP_TRITON_HINT})"))
-        print(f"GOMP_SPINCOUNT {cli_run.get('gomp_spincount')} (the CLI's default is patchcore_lightning.startup's)")
+        print(f"GOMP_SPINCOUNT {cli_run.get('gomp_spincount')} (the environment's; torch's libgomp runs faiss's "
+              f"parallel regions too)")
         if stages:
             alone = _median([a["backbone"] + a["knn"] for a in stages["per_pass_alone_s_per_image"]])
             ratio = cli_run["loop_s_per_image"] / alone
