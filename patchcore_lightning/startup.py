@@ -1,4 +1,4 @@
-"""What the entry points set up before torch is imported: no Triton.
+"""What the entry points set up before Lightning is imported: no Triton; OpenMP left to the environment.
 
 Called by ``lightning_cli.py`` and the benchmark's child processes through :func:`prepare_process`,
 never by importing the package: a library must not change its importer's process.
