@@ -17,6 +17,9 @@ blocks to the first grid, and average-pools each block to ``pretrain_dim`` with
 - Later layers on coarser grids are unfolded and resized as the original does, but in
   channels_last memory (torch's bilinear kernel is then ~9x faster on a CPU and bit-identical),
   and pooled over the contiguous block of each position.
+- The layers are stacked per patch and pooled again to ``target_dim``; when no window of that
+  pooling spans two layers (WideResNet50's 2 x 1024 → 1024), each layer is pooled on its own,
+  straight into its columns of the output.
 
 Every sum runs in the order ``adaptive_avg_pool1d`` runs it: the features are bit-identical to the
 original's chain (``aggregate_layers``), not merely close.
@@ -237,8 +240,14 @@ def _resized_block_means(feats: torch.Tensor, patchsize: int, stride: int, grid:
     channels_last resize kernel rounds its vector lanes and its scalar tail differently, and with
     64 | C no channel of either layout falls in a tail.
     """
-    B, C = feats.shape[:2]
-    padded, H, W = _padded(feats, patchsize, stride)  # (B, C, h + 2pad, w + 2pad)
+    B, C, h, w = feats.shape
+    pad = (patchsize - 1) // 2
+    H, W = patch_grid(h, patchsize, stride), patch_grid(w, patchsize, stride)
+    # Zero-padded in channels_last memory: one transposing copy of the layer; every shifted map is
+    # then copied out as rows of contiguous channels (transposing each of the p² maps took 2x longer).
+    padded = feats.new_zeros(B, h + 2 * pad, w + 2 * pad, C)  # (B, h + 2pad, w + 2pad, C)
+    padded[:, pad : pad + h, pad : pad + w] = feats.permute(0, 2, 3, 1)
+    padded = padded.permute(0, 3, 1, 2)  # (B, C, h + 2pad, w + 2pad), channels_last
     total = None
     for ky in range(patchsize):
         for kx in range(patchsize):
@@ -265,13 +274,40 @@ def embed(
     """
     B = layer_feats[0].shape[0]
     H0, W0 = (patch_grid(n, patchsize, stride) for n in layer_feats[0].shape[-2:])
-    stacked = layer_feats[0].new_empty(B, H0 * W0, len(layer_feats), pretrain_dim)  # per patch, layer after layer
+    L = len(layer_feats)
+    a, b, _ = _phases(L * pretrain_dim, target_dim)
+    if pretrain_dim % a:  # a final window spans two layers: pool the stacked features
+        stacked = layer_feats[0].new_empty(B, H0 * W0, L, pretrain_dim)  # per patch, layer after layer
+        for i, feats in enumerate(layer_feats):
+            stacked[:, :, i] = _layer_rows(feats, patchsize, stride, (H0, W0), pretrain_dim, chunk_bytes)
+        return adaptive_avg_pool_channels(stacked.view(B * H0 * W0, -1), target_dim), (H0, W0)  # (N, target_dim)
+    # Every final window lies inside one layer's pretrain_dim features: layer i's outputs are its own
+    # features pooled to pretrain_dim*b/a (the same windows, summed in the same order), written in
+    # place without the stacked (N, L*pretrain_dim) features.
+    per_layer = pretrain_dim // a * b
+    out = layer_feats[0].new_empty(B, H0 * W0, target_dim)
     for i, feats in enumerate(layer_feats):
         h, w = (patch_grid(n, patchsize, stride) for n in feats.shape[-2:])
-        if (h, w) == (H0, W0):
+        cols = slice(i * per_layer, (i + 1) * per_layer)
+        if (h, w) == (H0, W0):  # pooled over channels while channels-first planes, then transposed once
             x = _pooled_patches(feats, patchsize, stride, pretrain_dim)  # (B, pretrain_dim, H0, W0)
-            stacked[:, :, i] = x.view(B, pretrain_dim, H0 * W0).transpose(1, 2)
-            continue
-        stacked[:, :, i] = _resized_pooled_patches(feats, patchsize, stride, (H0, W0), pretrain_dim, chunk_bytes)
-    out = adaptive_avg_pool_channels(stacked.view(B * H0 * W0, -1), target_dim)  # (N, target_dim)
-    return out, (H0, W0)
+            x = adaptive_avg_pool_channels(x, per_layer)  # (B, per_layer, H0, W0)
+            out[:, :, cols] = x.view(B, per_layer, H0 * W0).transpose(1, 2)
+        else:
+            rows = _resized_pooled_patches(feats, patchsize, stride, (H0, W0), pretrain_dim, chunk_bytes)
+            out[:, :, cols] = adaptive_avg_pool_channels(rows.reshape(B * H0 * W0, pretrain_dim), per_layer).view(
+                B, H0 * W0, per_layer
+            )
+    return out.view(B * H0 * W0, target_dim), (H0, W0)
+
+
+def _layer_rows(
+    feats: torch.Tensor, patchsize: int, stride: int, grid: tuple[int, int], pretrain_dim: int, chunk_bytes: int
+) -> torch.Tensor:
+    """One layer's patch features pooled to ``pretrain_dim``: (B, C, h, w) → (B, H0*W0, pretrain_dim)."""
+    B = feats.shape[0]
+    h, w = (patch_grid(n, patchsize, stride) for n in feats.shape[-2:])
+    if (h, w) == grid:
+        x = _pooled_patches(feats, patchsize, stride, pretrain_dim)  # (B, pretrain_dim, H0, W0)
+        return x.view(B, pretrain_dim, h * w).transpose(1, 2)
+    return _resized_pooled_patches(feats, patchsize, stride, grid, pretrain_dim, chunk_bytes)

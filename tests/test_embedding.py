@@ -179,3 +179,27 @@ def test_one_channel_windows_never_build_the_blocks(monkeypatch):
     monkeypatch.setattr(embedding, "_patchify_channels_last", refuse)
     ours, _ = embed(maps, 3, 1, 128, 64)
     assert torch.equal(ours, expected)
+
+
+def test_final_windows_inside_one_layer_skip_the_stacked_features(monkeypatch):
+    """IM224_WR50's 2 x 1024 → 1024: every final window (2 entries) lies inside one layer, so each
+    layer is pooled on its own, straight into the output; windows across layers stack them first."""
+    from patchcore_lightning import embedding
+
+    g = torch.Generator().manual_seed(9)
+    maps = [torch.randn(1, 32, 8, 8, generator=g), torch.randn(1, 128, 4, 4, generator=g)]
+    per_layer = aggregate_layers([patchify(m, 3) for m in maps], 128, 64)  # 256 → 64: windows of 4 entries
+    across = aggregate_layers([patchify(m, 3) for m in maps], 120, 7)  # 240 → 7: window 3 spans both
+
+    stacked_rows = embedding._layer_rows
+    calls = []
+
+    def recording(*args, **kwargs):
+        calls.append(args[0].shape)
+        return stacked_rows(*args, **kwargs)
+
+    monkeypatch.setattr(embedding, "_layer_rows", recording)
+    ours, _ = embed(maps, 3, 1, 128, 64)
+    assert torch.equal(ours, per_layer) and ours.is_contiguous() and calls == []
+    ours, _ = embed(maps, 3, 1, 120, 7)
+    assert torch.equal(ours, across) and len(calls) == 2
