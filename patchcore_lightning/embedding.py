@@ -276,7 +276,10 @@ def embed(
     H0, W0 = (patch_grid(n, patchsize, stride) for n in layer_feats[0].shape[-2:])
     L = len(layer_feats)
     a, b, _ = _phases(L * pretrain_dim, target_dim)
-    if pretrain_dim % a:  # a final window spans two layers: pool the stacked features
+    per_layer = pretrain_dim // a * b  # outputs per layer when no final window spans two layers
+    # Stacked when a window spans two layers, or is a whole layer (pooled to 1, torch's kernel would
+    # take its mean shortcut, summed in another order than a window of the stacked features).
+    if pretrain_dim % a or per_layer == 1:
         stacked = layer_feats[0].new_empty(B, H0 * W0, L, pretrain_dim)  # per patch, layer after layer
         for i, feats in enumerate(layer_feats):
             stacked[:, :, i] = _layer_rows(feats, patchsize, stride, (H0, W0), pretrain_dim, chunk_bytes)
@@ -284,7 +287,6 @@ def embed(
     # Every final window lies inside one layer's pretrain_dim features: layer i's outputs are its own
     # features pooled to pretrain_dim*b/a (the same windows, summed in the same order), written in
     # place without the stacked (N, L*pretrain_dim) features.
-    per_layer = pretrain_dim // a * b
     out = layer_feats[0].new_empty(B, H0 * W0, target_dim)
     for i, feats in enumerate(layer_feats):
         h, w = (patch_grid(n, patchsize, stride) for n in feats.shape[-2:])

@@ -96,6 +96,8 @@ def test_fused_patch_pooling_is_unfold_then_pool_bit_for_bit(C, patchsize, strid
         ([(1, 8, 8, 8), (1, 64, 4, 4)], 3, 64, 24),  # windows of one channel's block: shifted maps resized
         ([(1, 6, 10, 9), (1, 64, 5, 5)], 5, 64, 12),  # the same with p = 5
         ([(1, 6, 10, 9), (1, 10, 5, 5)], 5, 10, 12),  # one channel's block, but 10 channels: blocks resized
+        ([(1, 8, 8, 8), (1, 64, 4, 4)], 3, 40, 2),  # final windows of one whole layer each
+        ([(1, 8, 8, 8)], 3, 40, 1),  # one layer pooled to its mean
     ],
 )
 def test_embed_is_the_literal_chain_bit_for_bit(shapes, patchsize, pre, target):
