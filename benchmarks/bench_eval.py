@@ -24,8 +24,9 @@
    segmentation, metrics). The backbone alone and the kNN alone on one batch (``--micro-repeats``
    calls each) are timed right before and right after every real pass; the ratio total /
    (backbone + kNN) of a pass is over the mean of the two, and the printed ratio is the median of
-   the passes' ratios (a single pass's ratio spreads by ±0.1 on a shared 2-core machine: the
-   default of 11 passes gives a median that moves ~2.5 times less than one of 3). Medians throughout.
+   the passes' ratios (on the shared 2-core machine of the README single passes had a standard
+   deviation of ~0.05, and the printed median one of 0.025 from run to run with 5 passes, 0.016 with
+   the default 11). Medians throughout.
 4. ``cli`` (a child process): ``lightning_cli.py test`` on the category, its wall time, the time of
    its test loop, and its peak RSS (``ru_maxrss`` of the process; DataLoader workers separately).
 
