@@ -240,14 +240,11 @@ def _resized_block_means(feats: torch.Tensor, patchsize: int, stride: int, grid:
     channels_last resize kernel rounds its vector lanes and its scalar tail differently, and with
     64 | C no channel of either layout falls in a tail.
     """
-    B, C, h, w = feats.shape
-    pad = (patchsize - 1) // 2
-    H, W = patch_grid(h, patchsize, stride), patch_grid(w, patchsize, stride)
-    # Zero-padded in channels_last memory: one transposing copy of the layer; every shifted map is
-    # then copied out as rows of contiguous channels (transposing each of the p² maps took 2x longer).
-    padded = feats.new_zeros(B, h + 2 * pad, w + 2 * pad, C)  # (B, h + 2pad, w + 2pad, C)
-    padded[:, pad : pad + h, pad : pad + w] = feats.permute(0, 2, 3, 1)
-    padded = padded.permute(0, 3, 1, 2)  # (B, C, h + 2pad, w + 2pad), channels_last
+    B, C = feats.shape[:2]
+    # Zero-padded in channels_last memory (F.pad keeps the layout): one transposing copy of the layer;
+    # every shifted map is then copied out as rows of contiguous channels (transposing each of the p²
+    # maps took 2x longer).
+    padded, H, W = _padded(feats.contiguous(memory_format=torch.channels_last), patchsize, stride)
     total = None
     for ky in range(patchsize):
         for kx in range(patchsize):
@@ -282,34 +279,39 @@ def embed(
     if pretrain_dim % a or per_layer == 1:
         stacked = layer_feats[0].new_empty(B, H0 * W0, L, pretrain_dim)  # per patch, layer after layer
         for i, feats in enumerate(layer_feats):
-            stacked[:, :, i] = _layer_rows(feats, patchsize, stride, (H0, W0), pretrain_dim, chunk_bytes)
+            stacked[:, :, i] = _layer_rows(feats, patchsize, stride, (H0, W0), pretrain_dim, pretrain_dim, chunk_bytes)
         return adaptive_avg_pool_channels(stacked.view(B * H0 * W0, -1), target_dim), (H0, W0)  # (N, target_dim)
     # Every final window lies inside one layer's pretrain_dim features: layer i's outputs are its own
     # features pooled to pretrain_dim*b/a (the same windows, summed in the same order), written in
     # place without the stacked (N, L*pretrain_dim) features.
     out = layer_feats[0].new_empty(B, H0 * W0, target_dim)
     for i, feats in enumerate(layer_feats):
-        h, w = (patch_grid(n, patchsize, stride) for n in feats.shape[-2:])
         cols = slice(i * per_layer, (i + 1) * per_layer)
-        if (h, w) == (H0, W0):  # pooled over channels while channels-first planes, then transposed once
-            x = _pooled_patches(feats, patchsize, stride, pretrain_dim)  # (B, pretrain_dim, H0, W0)
-            x = adaptive_avg_pool_channels(x, per_layer)  # (B, per_layer, H0, W0)
-            out[:, :, cols] = x.view(B, per_layer, H0 * W0).transpose(1, 2)
-        else:
-            rows = _resized_pooled_patches(feats, patchsize, stride, (H0, W0), pretrain_dim, chunk_bytes)
-            out[:, :, cols] = adaptive_avg_pool_channels(rows.reshape(B * H0 * W0, pretrain_dim), per_layer).view(
-                B, H0 * W0, per_layer
-            )
+        out[:, :, cols] = _layer_rows(feats, patchsize, stride, (H0, W0), pretrain_dim, per_layer, chunk_bytes)
     return out.view(B * H0 * W0, target_dim), (H0, W0)
 
 
 def _layer_rows(
-    feats: torch.Tensor, patchsize: int, stride: int, grid: tuple[int, int], pretrain_dim: int, chunk_bytes: int
+    feats: torch.Tensor,
+    patchsize: int,
+    stride: int,
+    grid: tuple[int, int],
+    pretrain_dim: int,
+    size: int,
+    chunk_bytes: int,
 ) -> torch.Tensor:
-    """One layer's patch features pooled to ``pretrain_dim``: (B, C, h, w) → (B, H0*W0, pretrain_dim)."""
+    """One layer's patch features pooled to ``pretrain_dim``, then to ``size``: (B, C, h, w) → (B, H0*W0, size).
+
+    A layer on the first grid is pooled while still in channels-first planes and transposed once.
+    """
     B = feats.shape[0]
     h, w = (patch_grid(n, patchsize, stride) for n in feats.shape[-2:])
     if (h, w) == grid:
         x = _pooled_patches(feats, patchsize, stride, pretrain_dim)  # (B, pretrain_dim, H0, W0)
-        return x.view(B, pretrain_dim, h * w).transpose(1, 2)
-    return _resized_pooled_patches(feats, patchsize, stride, grid, pretrain_dim, chunk_bytes)
+        if size != pretrain_dim:
+            x = adaptive_avg_pool_channels(x, size)  # (B, size, H0, W0)
+        return x.view(B, size, h * w).transpose(1, 2)
+    rows = _resized_pooled_patches(feats, patchsize, stride, grid, pretrain_dim, chunk_bytes)  # (B, H0*W0, pd)
+    if size != pretrain_dim:
+        rows = adaptive_avg_pool_channels(rows.reshape(-1, pretrain_dim), size).view(B, -1, size)
+    return rows

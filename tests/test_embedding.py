@@ -193,15 +193,29 @@ def test_final_windows_inside_one_layer_skip_the_stacked_features(monkeypatch):
     per_layer = aggregate_layers([patchify(m, 3) for m in maps], 128, 64)  # 256 → 64: windows of 4 entries
     across = aggregate_layers([patchify(m, 3) for m in maps], 120, 7)  # 240 → 7: window 3 spans both
 
-    stacked_rows = embedding._layer_rows
-    calls = []
+    layer_rows = embedding._layer_rows
+    widths = []  # the width of every layer's rows: pretrain_dim when stacked, its output columns when not
 
     def recording(*args, **kwargs):
-        calls.append(args[0].shape)
-        return stacked_rows(*args, **kwargs)
+        rows = layer_rows(*args, **kwargs)
+        widths.append(rows.shape[-1])
+        return rows
 
     monkeypatch.setattr(embedding, "_layer_rows", recording)
+    monkeypatch.setattr(embedding, "adaptive_avg_pool_channels", _refusing_wide(embedding.adaptive_avg_pool_channels))
     ours, _ = embed(maps, 3, 1, 128, 64)
-    assert torch.equal(ours, per_layer) and ours.is_contiguous() and calls == []
+    assert torch.equal(ours, per_layer) and ours.is_contiguous() and widths == [32, 32]
+    widths.clear()
     ours, _ = embed(maps, 3, 1, 120, 7)
-    assert torch.equal(ours, across) and len(calls) == 2
+    assert torch.equal(ours, across) and widths == [120, 120]
+
+
+def _refusing_wide(pool):
+    """``pool``, except that pooling the stacked features of both layers (256 → 64) is an error."""
+
+    def checked(x, size):
+        if (x.shape[1], size) == (256, 64):
+            raise AssertionError("the stacked features were pooled")
+        return pool(x, size)
+
+    return checked
