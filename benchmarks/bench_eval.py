@@ -25,7 +25,7 @@
    calls each) are timed right before and right after every real pass; the ratio total /
    (backbone + kNN) of a pass is over the mean of the two, and the printed ratio is the median of
    the passes' ratios (on the shared 2-core machine of the README single passes had a standard
-   deviation of ~0.05, and the printed median one of 0.025 from run to run with 5 passes, 0.015 with
+   deviation of ~0.05, and the printed median one of 0.025 from run to run with 5 passes, 0.014 with
    the default 11). Medians throughout.
 4. ``cli`` (a child process): ``lightning_cli.py test`` on the category, its wall time, the time of
    its test loop, and its peak RSS (``ru_maxrss`` of the process; DataLoader workers separately).
