@@ -1,13 +1,10 @@
-"""Patch scores → image scores and segmentation maps, and min-max normalisation of a member.
+"""Patch scores → segmentation maps, and the min-max normalisation of a member.
 
 The blur equals ``scipy.ndimage.gaussian_filter(x, sigma, truncate=4.0, mode="reflect")`` (the
-original's segmentor), computed in torch on the scores' device. Its kernel and border indices are
-made once per device and size and kept there: no host-to-device copy per batch.
+original's segmentor), computed in torch on the scores' device.
 """
 
 from __future__ import annotations
-
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -23,25 +20,16 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0, dtype: torch.dtype = 
     return (kernel / kernel.sum()).to(dtype)
 
 
-@lru_cache(maxsize=16)
-def _kernel_on(sigma: float, truncate: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``gaussian_kernel1d`` as a (1, 1, 2r+1) conv1d weight on ``device``, made once."""
-    with torch.inference_mode(False):  # a normal tensor, usable outside inference mode too
-        return gaussian_kernel1d(sigma, truncate, dtype).to(device).view(1, 1, -1)
-
-
-@lru_cache(maxsize=32)
 def _reflect_index(n: int, radius: int, device: torch.device) -> torch.Tensor:
     """Indices of a length-n axis padded by ``radius`` with scipy's 'reflect' (d c b a | a b c d | d c b a)."""
-    with torch.inference_mode(False):
-        idx = torch.arange(-radius, n + radius, device=device) % (2 * n)
-        return torch.where(idx >= n, 2 * n - 1 - idx, idx)  # (n + 2r,)
+    idx = torch.arange(-radius, n + radius, device=device) % (2 * n)
+    return torch.where(idx >= n, 2 * n - 1 - idx, idx)  # (n + 2r,)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0) -> torch.Tensor:
     """Separable Gaussian blur of (B, H, W) maps, scipy 'reflect' borders, any map size. → (B, H, W)"""
     B, H, W = maps.shape
-    kernel = _kernel_on(float(sigma), float(truncate), maps.dtype, maps.device)  # (1, 1, 2r+1)
+    kernel = gaussian_kernel1d(sigma, truncate).to(maps.device, maps.dtype).view(1, 1, -1)  # (1, 1, 2r+1)
     r = (kernel.shape[-1] - 1) // 2
     x = maps.index_select(2, _reflect_index(W, r, maps.device))  # (B, H, W + 2r)
     x = F.conv1d(x.reshape(B * H, 1, -1), kernel).view(B, H, W)

@@ -1,33 +1,25 @@
-"""Backbones: names of the original code → torchvision constructors, weight resolution, truncation.
+"""Backbones: the original's names → torchvision constructors, weights resolution, truncation.
 
-A backbone is cut after the last layer PatchCore needs (torchvision's FX feature extractor), so
-nothing downstream of it runs, and it returns a dict ``{layer name: (B, C, h, w)}``.
-
-``load_feature_extractor`` also never materialises what comes after the last layer (layer4 and
-fc are 64% of a WideResNet50's 263 MB): the network is built on the ``meta`` device and only the
-kept modules get memory. File weights are memory-mapped (or, in torch's legacy format, read entry
-by entry) and assigned, never copied; random weights replay torchvision's seeded initialisation op
-by op, so the kept layers get exactly the values a full build gives them.
+A backbone is cut after the last layer PatchCore needs (torchvision's FX feature extractor): the
+modules after it are not in the graph and never run, and the extractor returns
+``{layer name: (B, C, h, w)}``. File weights are memory-mapped where torch can (files written by
+``torch.save`` since torch 1.6) and assigned to a network built on the meta device, so the
+weights of the dropped layers are never read into memory.
 """
 
 from __future__ import annotations
 
-import collections
 import gc
 import hashlib
 import logging
 import os
-import pickle
-import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten, tree_map_only
 from torchvision.models.feature_extraction import create_feature_extractor
 
 __all__ = [
@@ -64,6 +56,8 @@ BACKBONES: dict[str, tuple[str, str]] = {
 #   {backbone name: ...}     one of the above per backbone name, for ensembles of several backbones
 BackboneWeights = str | dict[str, str | None] | None
 
+_ZIP_MAGIC = b"PK\x03\x04"  # torch.save's format since torch 1.6: the one torch.load can memory-map
+
 
 class WeightsError(RuntimeError):
     """Backbone weights missing, unreadable or of another architecture."""
@@ -81,9 +75,10 @@ def file_sha256(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _check_name(name: str) -> None:
+def _constructor(name: str):
     if name not in BACKBONES:
         raise ValueError(f"unsupported backbone {name!r}; supported: {', '.join(sorted(BACKBONES))}")
+    return getattr(torchvision.models, BACKBONES[name][0])
 
 
 def _weights_for(name: str, weights: BackboneWeights) -> str | None:
@@ -97,10 +92,13 @@ def _weights_for(name: str, weights: BackboneWeights) -> str | None:
     return weights
 
 
+def _imagenet_url(name: str) -> str:
+    return getattr(torchvision.models, BACKBONES[name][1]).IMAGENET1K_V1.url
+
+
 def _imagenet_cache_file(name: str) -> Path:
     """Where torch.hub keeps torchvision's IMAGENET1K_V1 file of ``name``: $TORCH_HOME/hub/checkpoints/."""
-    url = getattr(torchvision.models, BACKBONES[name][1]).IMAGENET1K_V1.url
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(_imagenet_url(name))
 
 
 def resolve_weights_path(name: str, weights: BackboneWeights) -> str | None:
@@ -109,7 +107,7 @@ def resolve_weights_path(name: str, weights: BackboneWeights) -> str | None:
     For ``None`` this is torchvision's IMAGENET1K_V1 file in the torch hub cache
     (``$TORCH_HOME/hub/checkpoints/<file>``), downloaded there first if absent and online.
     """
-    _check_name(name)
+    _constructor(name)
     choice = _weights_for(name, weights)
     if choice == "random":
         return None
@@ -124,9 +122,9 @@ def resolve_weights_path(name: str, weights: BackboneWeights) -> str | None:
         if not path.is_file():
             raise WeightsError(f"backbone weights file for {name!r} not found: {path}")
         return str(path)
-    url = getattr(torchvision.models, BACKBONES[name][1]).IMAGENET1K_V1.url
     cache = _imagenet_cache_file(name)
     if not cache.is_file():
+        url = _imagenet_url(name)
         try:
             torch.hub.load_state_dict_from_url(url, progress=False, map_location="cpu")
         except Exception as err:  # offline, proxy, disk: one clear message
@@ -139,384 +137,83 @@ def resolve_weights_path(name: str, weights: BackboneWeights) -> str | None:
     return str(cache)
 
 
-def _warn_random(name: str) -> None:
-    log.warning(
-        "!!! backbone %s uses RANDOM weights: scores are NOT those of an ImageNet-pretrained PatchCore !!!",
-        name,
-    )
-
-
-def _build_seeded(constructor: Callable[..., nn.Module], seed: int) -> nn.Module:
-    # Seeded so that two runs (and two DDP ranks) build the same random network; the global RNG
-    # is left as it was.
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return constructor(weights=None)
-
-
-# The legacy format (torch.save before 1.6, and torchvision's oldest ImageNet files, e.g.
-# wide_resnet50_2-95faca4d.pth): four pickles (magic number, protocol, system info, the object
-# with storages as persistent ids), the sorted list of storage keys, then each storage in that
-# order as an int64 element count and its raw little-endian bytes.
-_LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
-_LEGACY_STORAGES = {
-    "FloatStorage": torch.float32, "DoubleStorage": torch.float64, "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
-}
-
-
-class _PlainData(pickle.Unpickler):
-    def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(f"unexpected {module}.{name}")
-
-
-@dataclass(frozen=True)
-class _LegacyTensor:
-    key: str  # its storage
-    storage_offset: int
-    size: tuple[int, ...]
-    stride: tuple[int, ...]
-
-
-def _legacy_tensor(key, storage_offset, size, stride, *_) -> _LegacyTensor:  # torch._utils._rebuild_tensor_v2
-    return _LegacyTensor(key, storage_offset, tuple(size), tuple(stride))
-
-
-class _LegacyIndex(pickle.Unpickler):
-    """The object pickle of a legacy file with tensors as records of where their data lie; no other globals."""
-
-    def __init__(self, handle) -> None:
-        super().__init__(handle)
-        self.storages: dict[str, tuple[torch.dtype, int]] = {}  # key → (dtype, element count)
-
-    def find_class(self, module: str, name: str):
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _legacy_tensor
-        if module == "torch" and name in _LEGACY_STORAGES:
-            return _LEGACY_STORAGES[name]
-        raise pickle.UnpicklingError(f"unexpected {module}.{name}")
-
-    def persistent_load(self, pid):
-        kind, dtype, key, _location, numel, view = pid
-        if kind != "storage" or not isinstance(dtype, torch.dtype) or view is not None:
-            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
-        self.storages[key] = (dtype, numel)
-        return key
-
-
-_Reader = Callable[[Iterable[str]], dict[str, torch.Tensor]]  # entry names → their tensors
-
-
-def _index_legacy(path: str) -> tuple[dict[str, torch.Tensor], _Reader] | None:
-    """A legacy-format state_dict as meta tensors, and a reader of named entries; None if not one we can index."""
-    try:
-        with open(path, "rb") as handle:
-            if _PlainData(handle).load() != _LEGACY_MAGIC or _PlainData(handle).load() != 1001:
-                return None
-            if not _PlainData(handle).load().get("little_endian") or sys.byteorder != "little":
-                return None
-            index = _LegacyIndex(handle)
-            obj = index.load()
-            keys = _PlainData(handle).load()
-            offset = handle.tell()
-    except Exception:  # noqa: BLE001  (anything unexpected: torch.load reads it, or says why not)
-        return None
-    if not isinstance(obj, Mapping) or not all(isinstance(v, _LegacyTensor) for v in obj.values()):
-        return None
-    data: dict[str, int] = {}  # storage key → file offset of its bytes
-    for key in keys:
-        dtype, numel = index.storages[key]
-        data[key] = offset + 8
-        offset += 8 + numel * dtype.itemsize
-    if offset != os.path.getsize(path):
-        return None
-    meta = collections.OrderedDict(
-        (name, torch.empty_strided(t.size, t.stride, dtype=index.storages[t.key][0], device="meta"))
-        for name, t in obj.items()
-    )
-    if hasattr(obj, "_metadata"):  # module versions, which load_state_dict reads (as torch.load keeps them)
-        meta._metadata = obj._metadata
-
-    def read(names: Iterable[str]) -> dict[str, torch.Tensor]:
-        storages: dict[str, torch.Tensor] = {}
-        out = {}
-        with open(path, "rb") as handle:
-            for name in names:
-                t = obj[name]
-                if t.key not in storages:
-                    dtype, numel = index.storages[t.key]
-                    storage = torch.empty(numel, dtype=dtype)  # (numel,)
-                    handle.seek(data[t.key])
-                    if handle.readinto(storage.view(torch.uint8).numpy()) != numel * dtype.itemsize:
-                        raise WeightsError(f"backbone weights {path}: truncated file")
-                    storages[t.key] = storage
-                out[name] = storages[t.key].as_strided(t.size, t.stride, t.storage_offset)
-        return out
-
-    return meta, read
-
-
-def _open_state_dict(path: str) -> tuple[Mapping[str, torch.Tensor], _Reader, bool]:
-    """The state_dict in ``path`` without reading its data, a reader of the entries one names, and
-    whether the file was read whole nevertheless.
-
-    Only what is read takes memory: a zip-format file (torch.save since 1.6) is memory-mapped
-    (its tensors hold no memory until used); a legacy-format file is indexed (its entries are meta
-    tensors; the reader reads the named ones). Any other file is read whole by torch.load.
-    """
+def _read_state_dict(path: str) -> Mapping[str, torch.Tensor]:
+    """The state_dict in ``path``: memory-mapped where the format allows, never unpickling code."""
     with open(path, "rb") as handle:
-        mappable = handle.read(4) == b"PK\x03\x04"  # torch's zip format
-    if not mappable:
-        indexed = _index_legacy(path)
-        if indexed is not None:
-            return *indexed, False
+        mappable = handle.read(4) == _ZIP_MAGIC
     try:
         state = torch.load(path, map_location="cpu", weights_only=True, mmap=mappable)
     except Exception as err:
-        raise WeightsError(f"cannot read backbone weights {path}: {type(err).__name__}: {err}") from None
+        raise WeightsError(f"backbone weights {path} are not a state_dict: torch.load cannot read it ({_reason(err)})") from None
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsError(f"backbone weights {path} are not a state_dict (a mapping of names to tensors)")
-    return state, lambda names: {name: state[name] for name in names}, not mappable
+    return state
 
 
-def _conform(state: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Entries of another dtype than the model's, or not contiguous, converted as copying them into it would."""
-    return {
-        k: v if k not in reference or (v.dtype == reference[k].dtype and v.is_contiguous())
-        else v.to(reference[k].dtype).contiguous()
-        for k, v in state.items()
-    }
+def _reason(err: Exception) -> str:
+    """The cause in torch.load's message, in a few words (its weights_only hint is not one)."""
+    found = re.search(r"WeightsUnpickler error:\s*([^\n]+?)(?: was not an allowed global|\.?\n|$)", str(err))
+    if found:
+        return found.group(1)[:120]
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return f"{type(err).__name__}: {lines[0][:100]}" if lines else type(err).__name__
 
 
-def _load_weights(model: nn.Module, path: str, name: str, keep: Callable[[nn.Module], nn.Module]) -> nn.Module:
-    """``keep(model)`` (the model itself, or a part of it sharing its modules) with the weights of ``path``.
-
-    ``model`` is built on the meta device. The file's entries are checked against the whole model
-    as ``load_state_dict(strict=True)`` checks them (missing, unexpected, misshapen entries: a
-    WeightsError); only those of the kept part are then read, and assigned without a copy.
-    """
-    state, read, whole = _open_state_dict(path)
-    reference = model.state_dict()  # meta tensors: dtypes and shapes
-    try:
-        model.load_state_dict(_conform(state, reference), strict=True, assign=True)
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
+def _check_keys(model: nn.Module, state: Mapping[str, torch.Tensor], path: str, name: str) -> None:
+    """One line naming the file, the backbone, how many entries do not fit, and two of them."""
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
+    unexpected = [k for k in state if k not in expected]
+    misshapen = [k for k in state if k in expected and state[k].shape != expected[k].shape]
+    if missing or unexpected or misshapen:
+        examples = ", ".join((missing + unexpected + misshapen)[:2])
         raise WeightsError(
-            f"backbone weights {path} do not fit {name!r} ({BACKBONES[name][0]}): {' '.join(first[:2])[:300]}"
-        ) from None
-    in_file = set(state)
-    del state
-    kept = keep(model)
-    # (an entry load_state_dict filled in, e.g. num_batches_tracked of an old file, is no file entry)
-    names = [n for n in kept.state_dict() if n in in_file]
-    kept.load_state_dict(_conform(read(names), reference), strict=False, assign=True)
-    assert not any(t.is_meta for _, t in _tensors(kept)), f"{name}: a kept tensor has no weights"
-    if whole and kept is not model:
-        del model
-        gc.collect()  # the FX tracer holds the model in a reference cycle: free the dropped layers now
-    return kept
+            f"backbone weights {path} do not fit {name!r} ({BACKBONES[name][0]}): {len(missing)} keys missing, "
+            f"{len(unexpected)} unexpected, {len(misshapen)} of another shape (e.g. {examples})"
+        )
 
 
-def _tensors(module: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    yield from module.named_parameters(remove_duplicate=False)
-    yield from module.named_buffers(remove_duplicate=False)
+def _build(name: str, weights: BackboneWeights, seed: int) -> tuple[nn.Module, str | None]:
+    """The full network with its weights (file weights assigned, not copied) and the file's sha256."""
+    constructor = _constructor(name)
+    path = resolve_weights_path(name, weights)
+    if path is None:
+        log.warning(
+            "!!! backbone %s uses RANDOM weights: scores are NOT those of an ImageNet-pretrained PatchCore !!!", name
+        )
+        with torch.random.fork_rng(devices=[]):  # the same network in every run and on every rank
+            torch.manual_seed(seed)
+            return constructor(weights=None), None
+    state = _read_state_dict(path)
+    with torch.device("meta"):
+        model = constructor(weights=None)
+    _check_keys(model, state, path, name)
+    # A file without BatchNorm counters (saved before torch 0.4.1) loads as torch's loader fills them in.
+    counters = {k: torch.zeros((), dtype=torch.long) for k in model.state_dict() if k not in state}
+    model.load_state_dict({**state, **counters}, assign=True)
+    return model.float(), file_sha256(path)  # a float64 or half file computes in float32, as the original
 
 
 def load_backbone(name: str, weights: BackboneWeights = None, seed: int = 0) -> tuple[nn.Module, str | None]:
-    """The full torchvision model with its weights loaded, in eval mode, frozen.
-
-    Returns the model and the sha256 of the weights file (None for random weights). PatchCore
-    uses ``load_feature_extractor``, which leaves out the modules after the last layer.
-    """
-    _check_name(name)
-    constructor = getattr(torchvision.models, BACKBONES[name][0])
-    path = resolve_weights_path(name, weights)
-    if path is None:
-        _warn_random(name)
-        model = _build_seeded(constructor, seed)
-        digest = None
-    else:
-        with torch.device("meta"):
-            model = constructor(weights=None)
-        model = _load_weights(model, path, name, keep=lambda m: m)
-        digest = file_sha256(path)
-    model.eval().requires_grad_(False)
-    return model, digest
+    """The full torchvision model with its weights, in eval mode, frozen; and the sha256 of the
+    weights file (None for random weights). PatchCore uses ``load_feature_extractor``."""
+    model, digest = _build(name, weights, seed)
+    return model.eval().requires_grad_(False), digest
 
 
 def load_feature_extractor(
     name: str, layers: Sequence[str], weights: BackboneWeights = None, seed: int = 0
 ) -> tuple[nn.Module, str | None]:
-    """``build_feature_extractor(load_backbone(name, weights, seed)[0], layers)``, same weights, same
-    outputs, without ever giving memory to the modules after the last of ``layers``.
+    """``build_feature_extractor(load_backbone(name, weights, seed)[0], layers)`` and the weights' sha256.
 
-    File weights are assigned to a network built on the meta device, and only the kept layers'
-    entries are read: a zip-format file is memory-mapped, a legacy-format one (as torchvision's
-    WideResNet50 ImageNet file is) indexed and read entry by entry. Random weights are those of
-    torchvision's constructor after ``torch.manual_seed(seed)``, bit for bit: see
-    ``_build_seeded_prefix``. Returns the extractor (eval mode, frozen) and the sha256 of the
-    weights file (None for random weights).
+    With file weights the layers after the last of ``layers`` are never read: their tensors stay
+    memory-mapped (or, for torch's legacy format, are freed with the rest of the file's copy).
     """
-    _check_name(name)
-    constructor = getattr(torchvision.models, BACKBONES[name][0])
-    path = resolve_weights_path(name, weights)
-    if path is None:
-        _warn_random(name)
-        return _build_seeded_prefix(constructor, layers, seed), None
-    with torch.device("meta"):
-        model = constructor(weights=None)
-    extractor = _load_weights(model, path, name, keep=lambda m: build_feature_extractor(m, layers))
-    return extractor, file_sha256(path)
-
-
-# --------------------------------------------------------------------------- seeded random prefix
-# torchvision's constructors draw every layer's initial weights from the global RNG in
-# construction order (each Conv2d/Linear draws when built, then the network re-draws its convs in
-# module order), so the values of layer1..3 depend on how many numbers layer4 and fc drew before.
-# We build the network twice: once on the meta device, recording the sequence of tensor ops and
-# which of them create the tensors of modules after the last layer (the "dropped" tensors); then
-# on the CPU under the same seed, where every op on a dropped tensor that may draw random numbers
-# runs on a throw-away tensor of the same size and strides (so the RNG advances exactly as in a
-# full build) and the module keeps a meta tensor. The transient is one buffer the size of the
-# largest dropped tensor (36 MB for WideResNet50's layer4), not the dropped layers (168 MB).
-# Anything unexpected (another op sequence, a kept tensor computed from a dropped one) falls back
-# to the full build: same numbers, more memory.
-
-
-class _Unreplayable(RuntimeError):
-    """The CPU build did not follow the meta build's recorded op sequence."""
-
-
-def _storage_key(t: torch.Tensor) -> int:
-    return t.untyped_storage()._cdata
-
-
-def _flat_tensors(tree) -> list[torch.Tensor]:
-    return [x for x in tree_flatten(tree)[0] if isinstance(x, torch.Tensor)]
-
-
-def _is_view(func) -> bool:
-    """An op that neither writes nor creates memory (detach, alias, lift_fresh): it draws no random number."""
-    schema = func._schema
-    writes = any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments)
-    return not writes and bool(schema.returns) and all(r.alias_info is not None for r in schema.returns)
-
-
-class _RecordMetaBuild(TorchDispatchMode):
-    """Records every non-view op and the storages it creates (run under ``torch.device("meta")``)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.ops: list = []  # the op overloads, in order
-        self.created: list[set[int]] = []  # storage keys each op created
-        self._seen: set[int] = set()
-        self._alive: list = []  # keeps every tensor alive, so that no storage key is reused
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if _is_view(func):
-            return out
-        inputs = {_storage_key(t) for t in _flat_tensors((args, kwargs))}
-        created = {_storage_key(t) for t in _flat_tensors(out)} - inputs - self._seen
-        self._seen |= inputs | created
-        self._alive.append(out)
-        self.ops.append(func)
-        self.created.append(created)
-        return out
-
-
-# Ops that draw no random number: on a dropped tensor they run on the meta device only.
-_NO_DRAWS = frozenset({
-    torch.ops.aten.empty.memory_format,
-    torch.ops.aten.empty_strided.default,
-    torch.ops.aten.zeros.default,
-    torch.ops.aten.ones.default,
-    torch.ops.aten.full.default,
-    torch.ops.aten.fill_.Scalar,
-    torch.ops.aten.zero_.default,
-})
-
-
-class _SkipDropped(TorchDispatchMode):
-    """Replays a recorded build on the CPU, giving the dropped tensors no memory (meta tensors).
-
-    An op on dropped tensors that may draw random numbers runs on stand-ins of the same size and
-    strides, views of one ``scratch`` buffer (their values are never read), so that the generator
-    advances exactly as in a full build.
-    """
-
-    def __init__(self, ops: list, dropped: set[int], scratch_bytes: int) -> None:
-        super().__init__()
-        self.ops, self.dropped, self.count = ops, dropped, 0
-        self.scratch = torch.empty(scratch_bytes, dtype=torch.uint8).untyped_storage()
-
-    def _stand_in(self, t: torch.Tensor) -> torch.Tensor:
-        if not t.is_meta:
-            return t
-        if t.untyped_storage().nbytes() > self.scratch.nbytes():
-            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype)
-        return torch.empty(0, dtype=t.dtype).set_(self.scratch, t.storage_offset(), t.shape, t.stride())
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if _is_view(func):
-            return func(*args, **kwargs)
-        i = self.count
-        self.count += 1
-        if i >= len(self.ops) or func is not self.ops[i]:
-            expected = self.ops[i] if i < len(self.ops) else "the end"
-            raise _Unreplayable(f"op {i} is {func}, the meta build ran {expected}")
-        if i not in self.dropped and not any(t.is_meta for t in _flat_tensors((args, kwargs))):
-            return func(*args, **kwargs)
-        for arg, value in zip(func._schema.arguments, args):
-            written = arg.alias_info is not None and arg.alias_info.is_write
-            if written and isinstance(value, torch.Tensor) and not value.is_meta:
-                raise _Unreplayable(f"{func} writes a kept tensor from a dropped one")
-        if func not in _NO_DRAWS:  # the same draws, on throw-away memory
-            stand_in_args, stand_in_kwargs = tree_map_only(torch.Tensor, self._stand_in, (args, kwargs))
-            func(*stand_in_args, **stand_in_kwargs)
-        meta_args = tree_map_only(torch.Tensor, lambda t: t.to("meta"), args)
-        meta_kwargs = tree_map_only(torch.Tensor, lambda t: t.to("meta"), kwargs)
-        if any(a.name == "device" for a in func._schema.arguments):
-            meta_kwargs["device"] = torch.device("meta")
-        return func(*meta_args, **meta_kwargs)
-
-
-def _build_seeded_prefix(constructor: Callable[..., nn.Module], layers: Sequence[str], seed: int) -> nn.Module:
-    """The extractor of ``_build_seeded(constructor, seed)`` cut after ``layers``, built without the rest."""
-    recorder = _RecordMetaBuild()
-    with torch.device("meta"), recorder:
-        skeleton = constructor(weights=None)
-    kept = {_storage_key(t) for _, t in _tensors(build_feature_extractor(skeleton, layers))}
-    dropped_tensors = [t for _, t in _tensors(skeleton) if _storage_key(t) not in kept]
-    dropped_keys = {_storage_key(t) for t in dropped_tensors}
-    scratch_bytes = max((t.untyped_storage().nbytes() for t in dropped_tensors), default=0)
-    ops = recorder.ops
-    dropped = {i for i, created in enumerate(recorder.created) if created & dropped_keys}
-    mixed = any(recorder.created[i] & kept for i in dropped)
-    del skeleton, recorder, dropped_tensors
-    try:
-        if mixed:
-            raise _Unreplayable("one op creates a kept and a dropped tensor")
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            with _SkipDropped(ops, dropped, scratch_bytes) as replay:
-                model = constructor(weights=None)
-        if replay.count != len(ops):
-            raise _Unreplayable(f"the CPU build ran {replay.count} ops, the meta build {len(ops)}")
-        extractor = build_feature_extractor(model, layers)
-        if any(t.is_meta for _, t in _tensors(extractor)):
-            raise _Unreplayable("a kept tensor was computed from a dropped one")
-        return extractor
-    except _Unreplayable as err:
-        log.info("building all of %s, then cutting it (%s)", constructor.__name__, err)
-        extractor = build_feature_extractor(_build_seeded(constructor, seed), layers)
-        gc.collect()  # the FX tracer holds the model in a reference cycle: free the dropped layers now
-        return extractor
+    model, digest = _build(name, weights, seed)
+    extractor = build_feature_extractor(model, layers)
+    del model
+    gc.collect()  # the FX tracer holds the full model in a reference cycle: drop the cut layers now
+    return extractor, digest
 
 
 def build_feature_extractor(model: nn.Module, layers: Sequence[str]) -> nn.Module:

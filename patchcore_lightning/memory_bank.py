@@ -1,30 +1,33 @@
-"""The memory bank: an exact L2 index with torch tensors in and out, searched by faiss or by torch.
+"""The memory bank: its vectors as a module buffer (so it lives where the model runs), searched exactly.
 
 Patch score = mean of the squared L2 distances to the k nearest bank vectors, which is what the
 original's ``NearestNeighbourScorer`` computes from ``IndexFlatL2.search``.
 
 Two exact searches:
-- ``faiss``: the ``IndexFlatL2`` itself (on a GPU through a faiss GPU build). The CPU default: it
-  gives the original's numbers.
+- ``faiss``: an ``IndexFlatL2`` over the vectors (on a GPU through a faiss GPU build). The CPU
+  default: it gives the original's numbers.
 - ``torch``: squared distances ``|x|² + |y|² - 2 x·y`` in float32 (faiss's BLAS formula, clamped at 0)
-  by matrix products, and a running top-k, over chunks of the queries and of the bank so that the
-  distance block never exceeds ``block_bytes``: memory is bounded and time linear in the bank size.
-  Used on a GPU when faiss has no GPU support (the ``faiss-cpu`` wheel): the tensors never leave
-  the device. Distances differ from faiss's in the last bits (another summation order).
+  by matrix products and a running top-k, over chunks of the queries and of the bank so that no
+  distance block exceeds ``block_bytes``: memory is bounded and time linear in the bank size. It
+  runs on any device; distances differ from faiss's in the last bits (another summation order).
+
+``knn_backend`` ``auto`` picks per device: faiss on the CPU; on a GPU faiss's GPU index when the
+installed faiss has GPU support, else the torch search on that GPU. ``faiss`` behind a GPU with a
+CPU-only faiss searches on the CPU (said once).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import warnings
 from typing import Literal
 
 import faiss
 import faiss.contrib.torch_utils  # noqa: F401  (lets faiss indexes take and return torch tensors)
 import torch
+from torch import nn
 
-__all__ = ["KnnBackend", "MemoryBank", "gpu_faiss_available", "torch_knn"]
+__all__ = ["DEFAULT_BLOCK_BYTES", "KnnBackend", "MemoryBank", "gpu_faiss_available", "search_kind", "torch_knn"]
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +36,25 @@ KnnBackend = Literal["auto", "faiss", "torch"]
 # Largest (queries x bank) float32 distance block of the torch search: 256 MiB.
 DEFAULT_BLOCK_BYTES = 1 << 28
 
+_warned_cpu_faiss = False
+
 
 def gpu_faiss_available() -> bool:
     """True when both this faiss build and torch see a GPU."""
     return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0 and torch.cuda.is_available()
+
+
+def search_kind(backend: KnnBackend, device: torch.device) -> Literal["faiss", "faiss-gpu", "torch"]:
+    """The search a bank on ``device`` runs for ``backend``: faiss on the CPU, faiss on the GPU, or torch."""
+    if backend not in ("auto", "faiss", "torch"):
+        raise ValueError(f"knn_backend must be auto, faiss or torch, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    if device.type == "cpu":
+        return "faiss"
+    if device.type == "cuda" and gpu_faiss_available():
+        return "faiss-gpu"
+    return "faiss" if backend == "faiss" else "torch"
 
 
 def torch_knn(
@@ -79,72 +97,59 @@ def torch_knn(
     return torch.cat(out)  # (N, k)
 
 
-class MemoryBank:
-    """An exact L2 index over (M, D) float32 vectors.
+class MemoryBank(nn.Module):
+    """An exact L2 index over (M, D) float32 vectors, held as the buffer ``vectors``.
 
     Args:
-        index: a faiss ``IndexFlatL2`` (CPU): the bank as the original saved it.
-        device: where searches run; queries are moved there, results come back on the queries' device.
-        backend: ``faiss`` searches the index (moved to a CUDA ``device`` through a faiss GPU build);
-            ``torch`` keeps the vectors as a tensor on ``device`` and searches by chunked matrix
-            products; ``auto`` is faiss on the CPU (the original's numbers) and on a GPU when this
-            faiss build has GPU support, torch on a GPU otherwise.
+        vectors: (M, D) the bank.
+        knn_backend: ``auto``, ``faiss`` or ``torch`` (see the module docstring); the search is
+            picked for the device the buffer is on when ``search`` runs.
         block_bytes: the largest distance block of the torch search.
     """
 
     def __init__(
-        self,
-        index: faiss.Index,
-        device: torch.device | str = "cpu",
-        backend: KnnBackend = "auto",
-        block_bytes: int = DEFAULT_BLOCK_BYTES,
+        self, vectors: torch.Tensor, knn_backend: KnnBackend = "auto", block_bytes: int = DEFAULT_BLOCK_BYTES
     ) -> None:
-        if not isinstance(index, faiss.IndexFlat) or index.metric_type != faiss.METRIC_L2:
-            raise TypeError(f"memory bank must be an exact L2 faiss index (IndexFlatL2), got {type(index).__name__}")
-        if backend not in ("auto", "faiss", "torch"):
-            raise ValueError(f"kNN backend must be auto, faiss or torch, got {backend!r}")
-        self.cpu_index = index
-        self.device = torch.device(device)
-        if backend == "auto":
-            backend = "faiss" if self.device.type == "cpu" or gpu_faiss_available() else "torch"
-        if backend == "faiss" and self.device.type == "cuda" and not gpu_faiss_available():
-            raise ValueError(
-                f"kNN backend faiss on {self.device} needs a faiss GPU build (faiss-gpu); use backend torch"
-            )
-        self.backend = backend
+        super().__init__()
+        if vectors.ndim != 2:
+            raise ValueError(f"memory bank vectors must be (M, D), got shape {tuple(vectors.shape)}")
+        search_kind(knn_backend, vectors.device)  # validates the name
+        self.register_buffer("vectors", vectors.detach().to(torch.float32).contiguous(), persistent=False)
+        self.knn_backend = knn_backend
         self.block_bytes = block_bytes
-        self._resources = None
-        self.index = index
-        self._vectors: torch.Tensor | None = None  # (M, D) on device, torch backend
-        self._sq_norms: torch.Tensor | None = None  # (M,)
-        if backend == "torch":
-            self._vectors = self.vectors().to(self.device)
-            self._sq_norms = (self._vectors * self._vectors).sum(dim=1)
-        elif self.device.type == "cuda":
-            self._resources = faiss.StandardGpuResources()
-            self.index = faiss.index_cpu_to_gpu(self._resources, self.device.index or 0, index)
+        self._cache: tuple[tuple, object] | None = None  # (what it was made for, faiss index or squared norms)
 
     @property
     def dim(self) -> int:
-        return self.cpu_index.d
+        return self.vectors.shape[1]
 
     def __len__(self) -> int:
-        return self.cpu_index.ntotal
+        return self.vectors.shape[0]
+
+    @property
+    def kind(self) -> str:
+        """The search that runs for the bank where it is now: faiss, faiss-gpu or torch."""
+        return search_kind(self.knn_backend, self.vectors.device)
+
+    def describe(self) -> str:
+        """Which search runs where, for the log."""
+        kind, device = self.kind, self.vectors.device
+        if kind == "faiss":
+            where = "the CPU" + (f", behind {device} (a CPU-only faiss build)" if device.type != "cpu" else "")
+            return f"faiss IndexFlatL2 on {where}"
+        return f"faiss GPU index on {device}" if kind == "faiss-gpu" else f"exact torch search on {device}"
 
     @classmethod
-    def from_features(
-        cls, features: torch.Tensor, device: torch.device | str = "cpu", backend: KnnBackend = "auto"
-    ) -> MemoryBank:
-        """A bank holding the rows of ``features`` (M, D)."""
-        M, D = features.shape
-        index = faiss.IndexFlatL2(D)
-        index.add(features.detach().to("cpu", torch.float32).contiguous())
-        return cls(index, device, backend)
+    def from_index(cls, index: faiss.Index, knn_backend: KnnBackend = "auto") -> MemoryBank:
+        """A bank holding the vectors of a faiss ``IndexFlatL2`` (which then serves CPU searches)."""
+        if not isinstance(index, faiss.IndexFlat) or index.metric_type != faiss.METRIC_L2:
+            raise TypeError(f"memory bank must be an exact L2 faiss index (IndexFlatL2), got {type(index).__name__}")
+        bank = cls(index.reconstruct_n(0, index.ntotal).view(index.ntotal, index.d), knn_backend)
+        bank._cache = (bank._cache_key("faiss"), index)
+        return bank
 
     @classmethod
-    def load(
-        cls, path: str | os.PathLike, device: torch.device | str = "cpu", backend: KnnBackend = "auto"
-    ) -> MemoryBank:
+    def load(cls, path: str | os.PathLike, knn_backend: KnnBackend = "auto") -> MemoryBank:
         """Read a faiss index written by ``faiss.write_index`` (the original's ``.faiss`` file)."""
         try:
             index = faiss.read_index(os.fspath(path))
@@ -152,30 +157,60 @@ class MemoryBank:
             reason = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
             raise ValueError(f"cannot read faiss index {path}: {reason}") from None
         try:
-            return cls(index, device, backend)
+            return cls.from_index(index, knn_backend)
         except TypeError as err:
             raise ValueError(f"{path}: {err}") from None
 
     def save(self, path: str | os.PathLike) -> None:
-        faiss.write_index(self.cpu_index, os.fspath(path))
+        """Write the bank as the original does: a faiss ``IndexFlatL2`` (``faiss.write_index``)."""
+        index = faiss.IndexFlatL2(self.dim)
+        index.add(self.vectors.detach().cpu())
+        faiss.write_index(index, os.fspath(path))
 
-    def vectors(self) -> torch.Tensor:
-        """The bank as a (M, D) float32 CPU tensor."""
-        return self.cpu_index.reconstruct_n(0, len(self))
+    def _cache_key(self, kind: str) -> tuple:
+        return kind, self.vectors.device, self.vectors.data_ptr()
+
+    def _cached(self, kind: str):
+        """The faiss index (``faiss``, ``faiss-gpu``) or the squared norms (``torch``) of the vectors as they are now."""
+        key = self._cache_key(kind)
+        if self._cache is not None and self._cache[0] == key:
+            return self._cache[1]
+        self._cache = None  # release the old one first
+        vectors = self.vectors.detach()
+        if kind == "torch":
+            value = (vectors * vectors).sum(dim=1)  # (M,)
+        else:
+            index = faiss.IndexFlatL2(self.dim)
+            index.add(vectors.cpu())
+            if kind == "faiss-gpu":
+                resources = faiss.StandardGpuResources()
+                index = (resources, faiss.index_cpu_to_gpu(resources, vectors.device.index or 0, index))
+            value = index
+        self._cache = (key, value)
+        return value
 
     def search(self, queries: torch.Tensor, k: int) -> torch.Tensor:
-        """Squared L2 distances of each query (N, D) to its k nearest bank vectors, ascending. (N, k)"""
+        """Squared L2 distances of each query (N, D) to its k nearest bank vectors, ascending. (N, k)
+
+        The result is on the queries' device.
+        """
         N, D = queries.shape
         if D != self.dim:
             raise ValueError(f"queries have dimension {D}, the memory bank {self.dim}")
         if not 1 <= k <= len(self):
             raise ValueError(f"anomaly_scorer_num_nn={k} must be in [1, bank size {len(self)}]")
-        target = self.device if self.device.type == "cuda" else torch.device("cpu")
-        x = queries.to(target, torch.float32).contiguous()
-        if self.backend == "torch":
-            distances = torch_knn(x, self._vectors, k, self._sq_norms, self.block_bytes)  # (N, k)
+        kind = self.kind
+        if kind == "torch":
+            x = queries.to(self.vectors.device, torch.float32)
+            distances = torch_knn(x, self.vectors, k, self._cached("torch"), self.block_bytes)
+        elif kind == "faiss-gpu":
+            x = queries.to(self.vectors.device, torch.float32).contiguous()
+            distances, _ = self._cached(kind)[1].search(x, k)
         else:
-            distances, _ = self.index.search(x, k)  # (N, k)
+            if self.vectors.device.type != "cpu":
+                _warn_cpu_faiss_once(self.vectors.device)
+            x = queries.to("cpu", torch.float32).contiguous()
+            distances, _ = self._cached(kind).search(x, k)
         return distances.to(queries.device)
 
     def patch_scores(self, queries: torch.Tensor, k: int) -> torch.Tensor:
@@ -183,5 +218,12 @@ class MemoryBank:
         return self.search(queries, k).mean(dim=1)
 
 
-def warn_gpu_unavailable() -> None:
-    warnings.warn("faiss_on_gpu=true but faiss or torch sees no GPU: the memory bank stays on the CPU", stacklevel=2)
+def _warn_cpu_faiss_once(device: torch.device) -> None:
+    global _warned_cpu_faiss
+    if not _warned_cpu_faiss:
+        log.warning(
+            "knn_backend faiss with a CPU-only faiss build: the memory banks are searched on the CPU, behind %s "
+            "(install faiss-gpu, or use knn_backend auto or torch)",
+            device,
+        )
+        _warned_cpu_faiss = True

@@ -1,35 +1,46 @@
-"""The six numbers of results.csv, and the torchmetrics ``Metric`` that accumulates one category.
+"""The five numbers of results.csv: pure functions, and the torchmetrics ``Metric`` that holds one category.
 
-Each member's raw image scores and maps are kept until the category ends, because the original
-min-max normalises every member over the whole test set (scores over images, maps over all pixels
-of all images) before averaging the members; only then are the AUROCs and AUPROs computed.
+The original min-max normalises every member over the whole test set (image scores over images,
+maps over all pixels of all images) and averages the members (``ensemble``); only then are the
+metrics computed (``evaluate``). So ``PatchCoreEvaluation`` keeps each member's raw scores and
+maps until the category ends; under DDP torchmetrics gathers them from every process.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torchmetrics import Metric
+from torchmetrics.functional.classification import binary_auroc
 
 from .anomaly_map import minmax_normalise
 from .pro import aupro_from_counts, region_weights
-from .ranking import RankedPositives, auroc_from_counts, binary_auroc_exact, count_below_runs, order_keys, run_length
+from .ranking import RankedPositives, auroc_from_counts, count_below_runs, order_keys, run_length
 
-__all__ = ["METRIC_NAMES", "PatchCoreEvaluation", "ensemble", "pixel_metrics", "safe_binary_auroc"]
+__all__ = [
+    "METRIC_NAMES",
+    "PRO_FPR_LIMIT",
+    "PatchCoreEvaluation",
+    "curve_counts",
+    "ensemble",
+    "evaluate",
+    "image_auroc",
+    "pixel_metrics",
+]
 
 log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("instance_auroc", "full_pixel_auroc", "full_pro", "anomaly_pixel_auroc", "anomaly_pro")
 PRO_FPR_LIMIT = 0.3  # the original's and MVTec AD's integration limit
-_IMAGES_PER_PASS = 4  # images normalised (or reordered) at a time by ``ensemble`` and ``compute``
+_IMAGES_PER_PASS = 4  # images normalised, reordered or counted at a time
 
 
 def _check_normalised(scores: torch.Tensor, what: str) -> None:
-    """torchmetrics' AUROC applies a sigmoid to scores outside [0, 1]; ours is rank-based, but scores
-    outside [0, 1] here mean the normalisation of the original was skipped somewhere."""
+    """torchmetrics' AUROC applies a sigmoid to scores outside [0, 1] (raw PatchCore distances would
+    all map to ~1 and give 0.5): the inputs here must be the normalised ones."""
     lo, hi = torch.aminmax(scores) if scores.numel() else (scores.new_zeros(()), scores.new_zeros(()))
     if not (bool(lo >= 0) and bool(hi <= 1)):  # NaN propagates into both, and fails too
         raise ValueError(f"{what}: AUROC inputs must be normalised to [0, 1]")
@@ -40,74 +51,22 @@ def _undefined(what: str, positives: int, total: int) -> float:
     return math.nan
 
 
-def safe_binary_auroc(scores: torch.Tensor, targets: torch.Tensor, what: str) -> float:
-    """Exact AUROC of scores in [0, 1] against binary targets; NaN (with a warning) if one class is absent."""
-    _check_normalised(scores, what)
-    result = binary_auroc_exact(scores, targets)
-    if math.isnan(result):
-        return _undefined(what, int(targets.sum()), targets.numel())
-    return result
+def image_auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
+    """AUROC of normalised image scores (N,) against labels (N,) (1 anomalous), by torchmetrics'
+    exact ``binary_auroc``; NaN with a warning when one class is absent.
 
-
-def _normalised_mean(maps: torch.Tensor, lo: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
-    """Raw maps (b, M, H, W) → members min-max normalised with their (M,) ``lo`` and ``span``, averaged. (b, H, W)
-
-    ``minmax_normalise``'s arithmetic, image by image: the same bits as over the whole set at once.
+    torchmetrics computes in float32. The exact area is a multiple of 1 / (2PQ) (P anomalous, Q
+    normal images; a tie counts half), so where that spacing is over twice float32's worst error of
+    the N-term sum (N·2⁻²³), the nearest multiple is the exact value: 0.9775, not 0.9775000214576721.
+    That holds for every MVTec AD category; beyond it the float32 value is returned.
     """
-    x = maps.transpose(0, 1)  # (M, b, H, W)
-    lo, span = lo.view(-1, 1, 1, 1), span.view(-1, 1, 1, 1)
-    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1), torch.zeros_like(x)).mean(dim=0)
-
-
-def ensemble(
-    scores: torch.Tensor, maps: torch.Tensor | Sequence[torch.Tensor], order: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Normalise each member over the category, then average the members.
-
-    scores (N, M) raw image scores; maps the raw segmentations (N, M, H, W), or a sequence of
-    (b_k, M, H, W) parts that concatenate to them; ``order`` (N,) reorders the outputs as
-    ``scores[order]`` does (identity when None) → (N,), (N, H, W) in [0, 1].
-
-    The maps are normalised a few images at a time into the output: no full-size temporary (the
-    inputs may be a sizeable share of the process's memory).
-    """
-    parts = [maps] if isinstance(maps, torch.Tensor) else list(maps)
-    N, M = scores.shape
-    if sum(len(part) for part in parts) != N:
-        raise ValueError(f"the maps hold {sum(len(part) for part in parts)} images, the scores {N}")
-    H, W = parts[0].shape[-2:]
-    lo = torch.stack([p.amin(dim=(0, 2, 3)) for p in parts if len(p)]).amin(dim=0)  # (M,) exact: a min of minima
-    hi = torch.stack([p.amax(dim=(0, 2, 3)) for p in parts if len(p)]).amax(dim=0)  # (M,)
-    for m in range(M):
-        if scores[:, m].amin() == scores[:, m].amax() or lo[m] == hi[m]:
-            log.warning("ensemble member %d gives every test image the same score: it adds no ranking", m + 1)
-    if order is None:
-        order = torch.arange(N, device=scores.device)
-    norm_scores = minmax_normalise(scores.T).mean(dim=0)[order]  # (M, N) normalised over images → (N,)
-    norm_maps = _reordered(parts, order, lambda chunk: _normalised_mean(chunk, lo, hi - lo), (H, W), parts[0].dtype)
-    return norm_scores, norm_maps
-
-
-def _reordered(
-    parts: Sequence[torch.Tensor], order: torch.Tensor, fn, shape: tuple[int, ...], dtype: torch.dtype
-) -> torch.Tensor:
-    """``fn`` of the images of ``parts`` (concatenated along dim 0), reordered: row i of the output
-    is ``fn`` of image ``order[i]``. → (N, *shape)
-
-    A few images at a time (``_IMAGES_PER_PASS``): nothing of the size of the whole is made but the output.
-    """
-    N = order.numel()
-    if sum(len(part) for part in parts) != N:
-        raise ValueError(f"the parts hold {sum(len(part) for part in parts)} images, the order {N}")
-    position = torch.empty_like(order)  # (N,) the output row of every input image
-    position[order] = torch.arange(N, device=order.device)
-    out = torch.empty((N, *shape), dtype=dtype, device=order.device)
-    start = 0
-    for part in parts:
-        for chunk in part.split(_IMAGES_PER_PASS):
-            out.index_copy_(0, position[start : start + len(chunk)], fn(chunk))
-            start += len(chunk)
-    return out
+    _check_normalised(scores, "instance_auroc")
+    N, P = labels.numel(), int(labels.sum())
+    if P in (0, N):
+        return _undefined("instance_auroc", P, N)
+    auroc = float(binary_auroc(scores, labels.long(), thresholds=None))
+    grid = 2 * P * (N - P)
+    return round(auroc * grid) / grid if N * grid <= 2**21 else auroc
 
 
 def pixel_metrics(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
@@ -117,10 +76,10 @@ def pixel_metrics(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
     1.0); "anomaly" restricts all four numbers to the images whose mask has any non-zero pixel.
     Undefined numbers are NaN, with a warning.
 
-    One pass of sorts serves all four: the pixels of the anomaly-only images and those of the
-    others are counted apart, so counts over either set, or over both, come from binary searches
-    (``ranking``). On a CPU the images are sorted a few at a time (``run_length``), so the
-    working memory stays a few MB above the inputs whatever the number of images.
+    Exact (every distinct score a threshold, as sklearn), from one pass of sorts (``ranking``): the
+    pixels of the anomaly-only images and of the others are counted apart, so counts over either
+    set, or both, come from binary searches. On a CPU the images are sorted a few at a time
+    (``run_length``), so the working memory stays a few MB above the inputs.
     """
     _check_normalised(maps, "pixel_auroc")
     if maps.numel() >= 2**32:  # the exact counts sum to at most numel² / 2 in int64
@@ -162,12 +121,95 @@ def pixel_metrics(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
     return {name: result[name] for name in METRIC_NAMES[1:]}
 
 
-class PatchCoreEvaluation(Metric):
-    """Accumulates a category's raw member outputs; ``compute`` returns the metrics and the
-    normalised ensemble outputs, ordered by dataset index (so any sharding gives the same result).
+def evaluate(scores: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """The five numbers of results.csv from a category's normalised outputs.
 
-    ``compute()`` → dict with the five metrics (floats), and tensors ``indices`` (N,), ``labels`` (N,),
-    ``raw_scores`` (N, M), ``scores`` (N,), ``maps`` (N, H, W), ``masks`` (N, H, W) uint8.
+    scores (N,) and maps (N, H, W) in [0, 1] (``ensemble``), masks (N, H, W) uint8 0..255, labels (N,).
+    """
+    return {"instance_auroc": image_auroc(scores, labels), **pixel_metrics(maps, masks)}
+
+
+def _normalised_mean(maps: torch.Tensor, lo: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    """Raw maps (b, M, H, W) → members min-max normalised with their (M,) ``lo`` and ``span``, averaged. (b, H, W)
+
+    ``minmax_normalise``'s arithmetic, image by image: the same bits as over the whole set at once.
+    """
+    x = maps.transpose(0, 1)  # (M, b, H, W)
+    lo, span = lo.view(-1, 1, 1, 1), span.view(-1, 1, 1, 1)
+    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1), torch.zeros_like(x)).mean(dim=0)
+
+
+def _reordered(
+    parts: Sequence[torch.Tensor], order: torch.Tensor, fn: Callable, shape: tuple[int, ...], dtype: torch.dtype
+) -> torch.Tensor:
+    """``fn`` of the images of ``parts`` (concatenated along dim 0), reordered: row i of the output
+    is ``fn`` of image ``order[i]``. → (N, *shape), made a few images at a time."""
+    N = order.numel()
+    if sum(len(part) for part in parts) != N:
+        raise ValueError(f"the parts hold {sum(len(part) for part in parts)} images, the order {N}")
+    position = torch.empty_like(order)  # (N,) the output row of every input image
+    position[order] = torch.arange(N, device=order.device)
+    out = torch.empty((N, *shape), dtype=dtype, device=order.device)
+    start = 0
+    for part in parts:
+        for chunk in part.split(_IMAGES_PER_PASS):
+            out.index_copy_(0, position[start : start + len(chunk)], fn(chunk))
+            start += len(chunk)
+    return out
+
+
+def ensemble(
+    scores: torch.Tensor, maps: torch.Tensor | Sequence[torch.Tensor], order: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalise each member over the category, then average the members.
+
+    scores (N, M) raw image scores; maps the raw segmentations (N, M, H, W), or a sequence of
+    (b_k, M, H, W) parts that concatenate to them (the metric's state, never concatenated here);
+    ``order`` (N,) reorders the outputs as ``scores[order]`` does (identity when None)
+    → (N,), (N, H, W) in [0, 1].
+    """
+    parts = [maps] if isinstance(maps, torch.Tensor) else list(maps)
+    N, M = scores.shape
+    if sum(len(part) for part in parts) != N:
+        raise ValueError(f"the maps hold {sum(len(part) for part in parts)} images, the scores {N}")
+    H, W = parts[0].shape[-2:]
+    lo = torch.stack([p.amin(dim=(0, 2, 3)) for p in parts if len(p)]).amin(dim=0)  # (M,) exact: a min of minima
+    hi = torch.stack([p.amax(dim=(0, 2, 3)) for p in parts if len(p)]).amax(dim=0)  # (M,)
+    for m in range(M):
+        if scores[:, m].amin() == scores[:, m].amax() or lo[m] == hi[m]:
+            log.warning("ensemble member %d gives every test image the same score: it adds no ranking", m + 1)
+    if order is None:
+        order = torch.arange(N, device=scores.device)
+    norm_scores = minmax_normalise(scores.T).mean(dim=0)[order]  # (M, N) normalised over images → (N,)
+    norm_maps = _reordered(parts, order, lambda chunk: _normalised_mean(chunk, lo, hi - lo), (H, W), parts[0].dtype)
+    return norm_scores, norm_maps
+
+
+def curve_counts(
+    maps: torch.Tensor, targets: torch.Tensor, num_thresholds: int = 1001
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positives and negatives at or above each of ``num_thresholds`` evenly spaced thresholds.
+
+    maps (N, *S) normalised scores in [0, 1], targets (N, *S) bool → ``(tp, fp)``, (T,) int64 each,
+    threshold t_j = j / (T - 1): enough points to draw ROC and PR curves (TensorBoard), in constant
+    memory (a few images at a time), unlike a curve through every distinct pixel score.
+    """
+    T = num_thresholds
+    positives = torch.zeros(T, dtype=torch.int64, device=maps.device)
+    negatives = torch.zeros_like(positives)
+    for chunk, truth in zip(maps.split(_IMAGES_PER_PASS), targets.split(_IMAGES_PER_PASS)):
+        bins = (chunk.double() * (T - 1)).floor_().clamp_(0, T - 1).long()  # score >= t_j  <=>  bin >= j
+        positives += torch.bincount(bins[truth], minlength=T)
+        negatives += torch.bincount(bins[~truth], minlength=T)
+    return positives.flip(0).cumsum(0).flip(0), negatives.flip(0).cumsum(0).flip(0)
+
+
+class PatchCoreEvaluation(Metric):
+    """One category's raw member outputs, kept until it ends; ``compute`` normalises and scores them.
+
+    ``compute()`` → dict: the five metrics (floats) and, ordered by dataset index (so any sharding
+    gives the same result), ``indices`` (N,), ``labels`` (N,), ``raw_scores`` (N, M), the
+    normalised ``scores`` (N,) and ``maps`` (N, H, W), ``masks`` (N, H, W) uint8.
     """
 
     full_state_update = False
@@ -195,37 +237,24 @@ class PatchCoreEvaluation(Metric):
         self.indices.append(indices.long())
 
     def compute(self) -> dict:
-        """torchmetrics' entry point: synced under DDP by its wrapper, which then copies every output
-        tensor and caches the result. ``compute_uncached`` skips both (the maps are 4 bytes a pixel)."""
-        return self._evaluate()
+        def parts(state) -> list[torch.Tensor]:  # a list before a DDP gather, one tensor after it
+            return state if isinstance(state, list) else [state]
 
-    def compute_uncached(self) -> dict:
-        """``compute``'s result, states gathered across processes as ``compute`` gathers them, without
-        torchmetrics' copy of the outputs nor its cache: what the module uses at the end of a category."""
-        with self.sync_context(dist_sync_fn=self.dist_sync_fn, should_sync=True, should_unsync=True):
-            return self._evaluate()
-
-    def _evaluate(self) -> dict:
-        """The result from the states as they are (gathered or not); its tensors share no memory with them."""
-
-        def cat(state):  # a list before sync, a tensor after a DDP gather
-            return torch.cat(state) if isinstance(state, list) else state
-
-        indices = cat(self.indices)
+        indices = torch.cat(parts(self.indices))
         order = torch.argsort(indices)
         indices = indices[order]
         if len(indices) > 1 and bool((indices[1:] == indices[:-1]).any()):
             raise RuntimeError("a test image was scored twice; the sampler must not repeat images")
-        unordered_scores = cat(self.raw_scores)  # (N, M)
-        raw_scores, labels = unordered_scores[order], cat(self.labels)[order]
-        # the maps and masks, the bulk of the state, are reordered part by part, never concatenated
-        raw_maps = self.raw_maps if isinstance(self.raw_maps, list) else [self.raw_maps]
-        mask_parts = self.masks if isinstance(self.masks, list) else [self.masks]
-        scores, maps = ensemble(unordered_scores, raw_maps, order)
-        masks = _reordered(mask_parts, order, lambda chunk: chunk, maps.shape[1:], torch.uint8)
-        result = {"instance_auroc": safe_binary_auroc(scores, labels, "instance_auroc")}
-        result.update(pixel_metrics(maps, masks))
-        result.update(
-            indices=indices, labels=labels, raw_scores=raw_scores, scores=scores, maps=maps, masks=masks
-        )
-        return result
+        raw_scores = torch.cat(parts(self.raw_scores))  # (N, M), in arrival order
+        labels = torch.cat(parts(self.labels))[order]
+        scores, maps = ensemble(raw_scores, parts(self.raw_maps), order)
+        masks = _reordered(parts(self.masks), order, lambda chunk: chunk, maps.shape[1:], torch.uint8)
+        return {
+            **evaluate(scores, maps, masks, labels),
+            "indices": indices,
+            "labels": labels,
+            "raw_scores": raw_scores[order],
+            "scores": scores,
+            "maps": maps,
+            "masks": masks,
+        }

@@ -1,95 +1,55 @@
-"""PatchCoreModule: frozen backbones + faiss memory banks, evaluated one category at a time."""
+"""PatchCoreModule: the PatchCore model in Lightning's loops.
+
+- ``fit``: ``training_step`` collects every training image's patch features; at the end of the
+  epoch each member's features are subsampled (the coreset) into its memory bank.
+- ``test``: ``test_step`` runs the model and feeds the category's metric; at the end of the epoch
+  the metric is computed (gathered from every process under DDP) into ``result``.
+- ``predict``: ``predict_step`` returns each image's raw scores and segmentation.
+
+Files are written by the callbacks (``callbacks.py``), never here.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
-import platform
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+import os
+import warnings
 
-import faiss
 import lightning as L
-import numpy as np
 import torch
-import torchvision
-from torch import nn
+import torch.distributed as dist
+from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 
-from .anomaly_map import segmentation_maps
-from .backbones import BackboneWeights, LayerError, WeightsError, load_feature_extractor, original_bn_warmup
+from .backbones import BackboneWeights
 from .coreset import SamplerName, subsample
-from .embedding import embed
-from .heap import release_free_heap
-from .memory_bank import MemoryBank, gpu_faiss_available, warn_gpu_unavailable
-from .metrics import PatchCoreEvaluation
-from .model_io import (
-    INDEX_FILE,
-    PARAMS_FILE,
-    SIDECAR_FILE,
-    ModelFormatError,
-    PatchCoreParams,
-    find_members,
-    member_prefix,
-    read_params,
-    read_sidecar,
-    write_params,
-)
-from .reporting import blend, compose
+from .data.images import PADDING_INDEX
+from .memory_bank import KnnBackend, MemoryBank
+from .metrics import METRIC_NAMES, PatchCoreEvaluation
+from .model import Backbones, PatchCore
+from .model_io import PatchCoreParams
 
-__all__ = ["Member", "PatchCoreModule", "embed_images"]
+__all__ = ["FrozenModelDDPStrategy", "PatchCoreModule", "frozen_model_strategy"]
 
 log = logging.getLogger(__name__)
 
 
-def embed_images(
-    layer_feats: Sequence[torch.Tensor], patchsize: int, stride: int, pretrain_dim: int, target_dim: int
-) -> tuple[torch.Tensor, tuple[int, int]]:
-    """``embed`` as fit and test run it: [(B, C_i, h_i, w_i)] → (B*H0*W0, target_dim), (H0, W0).
-
-    On the CPU one image at a time: the same bits as the whole batch (every patch feature depends
-    on its own image only), with working memory, which is the process's RSS, bounded by one image
-    instead of growing with the batch, and an image's intermediate maps (a few MB with
-    WideResNet50 at 224²) staying in the caches. On a GPU the batch goes in one call: per-image
-    kernel launches would cost more than that memory.
-    """
-    B = layer_feats[0].shape[0]
-    if B <= 1 or layer_feats[0].device.type != "cpu":
-        return embed(layer_feats, patchsize, stride, pretrain_dim, target_dim)
-    parts = [
-        embed([feats[b : b + 1] for feats in layer_feats], patchsize, stride, pretrain_dim, target_dim)
-        for b in range(B)
-    ]  # [((H0*W0, target_dim), (H0, W0))] per image
-    return torch.cat([feats for feats, _ in parts]), parts[0][1]  # (B*H0*W0, target_dim), rows ordered (B, H0, W0)
-
-
-def _describe_weights(sha256: str | None) -> str:
-    return f"weights sha256 {sha256[:12]}..." if sha256 else "random weights"
-
-
-@dataclass
-class Member:
-    """One PatchCore model of an ensemble: its parameters, backbone key and memory bank."""
-
-    params: PatchCoreParams
-    extractor_key: str
-    bank: MemoryBank
-
-
 class PatchCoreModule(L.LightningModule):
-    """PatchCore evaluation of saved models in the original's folder format.
+    """PatchCore: evaluate model folders in the original's format, build them (``fit``), score images.
 
     Args:
         model_paths: one model folder per category of ``data.categories``, or exactly one folder
             used for every category. A folder holds ``patchcore_params.pkl`` and
             ``nnscorer_search_index.faiss``, or ``Ensemble-<i>-<n>_`` prefixed files of n members.
+            Empty: ``test`` evaluates the folders ``fit`` writes under ``results_dir``.
         backbone_weights: ``null`` for torchvision's ImageNet ``IMAGENET1K_V1`` weights from the
             torch cache (``$TORCH_HOME/hub/checkpoints``); a path to a state_dict file; ``random``
             for seeded random weights (demo and tests only); or a mapping from backbone name
             (e.g. ``wideresnet101``) to one of these, for ensembles.
-        faiss_on_gpu: run the nearest-neighbour search on the GPU (needs a faiss GPU build; warns
-            and stays on the CPU otherwise).
-        save_segmentation_images: write ``segmentation_images/<dataset>/<anomaly>_<stem>.png``
+        knn_backend: the nearest-neighbour search: ``auto`` (faiss on a CPU; on a GPU faiss's GPU
+            index when the installed faiss has one, else the exact torch search on the GPU),
+            ``faiss`` or ``torch``. The banks live on the device the model runs on.
+        faiss_on_gpu: replaced by ``knn_backend``; setting it is an error that says so.
+        save_segmentation_images: ``test`` writes ``segmentation_images/<dataset>/<anomaly>_<stem>.png``
             (image | ground truth | heatmap, with the score) under ``results_dir``.
         allow_other_weights: evaluate a model folder whose sidecar records other backbone weights
             (sha256) than ``backbone_weights`` gives; refused by default.
@@ -97,29 +57,30 @@ class PatchCoreModule(L.LightningModule):
             drift by ~1e-4 from fp32); off by default so that a GPU gives the CPU's numbers.
         original_bn_warmup: replay the original's one train-mode forward pass of an all-ones
             image, which shifts the BatchNorm running statistics of every backbone it builds (see
-            README). Models made by the original (and by our ``fit``) need it to give their numbers.
+            docs/computation.md). Models made by the original (and by ``fit``) need it for their numbers.
         image_threshold: for ``predict``: raw image score from which an image counts as anomalous
             (adds the ``is_anomalous`` column to predictions.csv).
         heatmap_max: for ``predict``: the raw segmentation value drawn at the top of the heatmaps'
             colour scale (0 at the bottom), the same for every image; defaults to image_threshold,
             and to each image's own maximum when neither is given.
         save_raw_maps: for ``predict``: also write each raw segmentation map as ``.npy``.
-        backbones: for ``fit`` (and ``test`` without model_paths): one ensemble member per backbone.
-        layers: layers to extract (dotted module paths), for every backbone, or a mapping from
-            backbone name to its layers (e.g. densenet201: [features.denseblock2, features.denseblock3]).
-        pretrain_embed_dimension: per-layer feature size after the first adaptive average pooling.
-        target_embed_dimension: final patch feature size (the memory bank's dimension).
-        patchsize: side of the neighbourhood aggregated around every feature position.
-        anomaly_scorer_num_nn: nearest bank vectors whose squared distances are averaged.
-        sampler: memory bank subsampling of the training patch features.
-        percentage: fraction of the training patch features kept by the sampler, in (0, 1].
+        backbones: for ``fit``: one ensemble member per backbone.
+        layers: for ``fit``: layers to extract (dotted module paths), for every backbone, or a mapping
+            from backbone name to its layers (e.g. densenet201: [features.denseblock2, features.denseblock3]).
+        pretrain_embed_dimension: for ``fit``: per-layer feature size after the first adaptive average pooling.
+        target_embed_dimension: for ``fit``: final patch feature size (the memory bank's dimension).
+        patchsize: for ``fit``: side of the neighbourhood aggregated around every feature position.
+        anomaly_scorer_num_nn: for ``fit``: nearest bank vectors whose squared distances are averaged.
+        sampler: for ``fit``: memory bank subsampling of the training patch features.
+        percentage: for ``fit``: fraction of the training patch features kept by the sampler, in (0, 1].
     """
 
     def __init__(
         self,
         model_paths: list[str] | None = None,
         backbone_weights: BackboneWeights = None,
-        faiss_on_gpu: bool = False,
+        knn_backend: KnnBackend = "auto",
+        faiss_on_gpu: bool | None = None,
         save_segmentation_images: bool = False,
         allow_other_weights: bool = False,
         allow_tf32: bool = False,
@@ -137,21 +98,13 @@ class PatchCoreModule(L.LightningModule):
         percentage: float = 0.1,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
-        self.model_paths = list(model_paths) if model_paths else []
-        self.backbone_weights = backbone_weights
-        self.faiss_on_gpu = faiss_on_gpu
-        self.save_segmentation_images = save_segmentation_images
-        self.original_bn_warmup = original_bn_warmup
-        self.allow_tf32 = allow_tf32
-        self.allow_other_weights = allow_other_weights
-        self.image_threshold = image_threshold
+        if faiss_on_gpu is not None:
+            raise ValueError(
+                "model.faiss_on_gpu is replaced by model.knn_backend (auto, faiss or torch): the banks now live "
+                "on the model's device; remove faiss_on_gpu from the config"
+            )
         if heatmap_max is not None and heatmap_max <= 0:
             raise ValueError(f"model.heatmap_max must be > 0, got {heatmap_max}")
-        self.heatmap_max = heatmap_max
-        self.save_raw_maps = save_raw_maps
-        self.predict_dir_out: Path | None = None  # set by the CLI: where heatmaps go
-        self.predictions: list[dict] = []
         if not backbones:
             raise ValueError("model.backbones is empty: name at least one backbone")
         if isinstance(layers, dict):
@@ -160,284 +113,185 @@ class PatchCoreModule(L.LightningModule):
                 raise ValueError(f"model.layers has no entry for backbones {missing} (it has {sorted(layers)})")
         if not 0 < percentage <= 1:
             raise ValueError(f"model.percentage must be in (0, 1], got {percentage}")
-        for key, value in (("pretrain_embed_dimension", pretrain_embed_dimension),
-                           ("target_embed_dimension", target_embed_dimension),
-                           ("patchsize", patchsize), ("anomaly_scorer_num_nn", anomaly_scorer_num_nn)):
-            if value < 1:
-                raise ValueError(f"model.{key} must be >= 1, got {value}")
-        self.backbones = list(backbones)
-        self.layers = layers
-        self.fit_options = dict(
-            pretrain_embed_dimension=pretrain_embed_dimension,
-            target_embed_dimension=target_embed_dimension,
-            patchsize=patchsize,
-            anomaly_scorer_num_nn=anomaly_scorer_num_nn,
-        )
-        self.sampler = sampler
-        self.percentage = percentage
-        # Truncated backbones, shared across categories and ensemble members: "<name>:<layers>".
-        self.extractors = nn.ModuleDict()
-        self.weights_sha256: dict[str, str | None] = {}
-        self.members: list[Member] = []
-        self.model_path: str | None = None
+        for key in ("pretrain_embed_dimension", "target_embed_dimension", "patchsize", "anomaly_scorer_num_nn"):
+            if locals()[key] < 1:
+                raise ValueError(f"model.{key} must be >= 1, got {locals()[key]}")
+        self.save_hyperparameters(logger=False)
+        self.automatic_optimization = False  # nothing is trained: fit only collects features
+        self.backbone_cache = Backbones(backbone_weights, original_bn_warmup)
+        self.model: PatchCore | None = None
+        self.model_path: str | None = None  # the folder ``model`` was loaded from
         self.evaluation = PatchCoreEvaluation()
-        self.result: dict | None = None
-        # Under DDP a rank may get no image of a small category; it still joins the metric gather.
-        self.allow_zero_length_dataloader_with_multiple_devices = True
+        self.result: dict | None = None  # the last category's metrics and normalised outputs
+        self.n_train_images = 0  # images the banks of ``model`` were fit on
+        self._features: list[list[torch.Tensor]] = []
+        self._indices: list[torch.Tensor] = []
+        self._said_where = False
 
-    # ----------------------------------------------------------------- category selection
-    def model_path_for(self, index: int, n_categories: int) -> str:
-        """The model folder of the ``index``-th of ``n_categories`` categories (the original's rule)."""
-        if len(self.model_paths) == 1:
-            return self.model_paths[0]
-        if len(self.model_paths) != n_categories:
-            raise ValueError(
-                f"model.model_paths has {len(self.model_paths)} entries for {n_categories} categories: "
-                f"give one folder per category, or exactly one for all"
+    # ------------------------------------------------------------------ which model
+    def select_model(self, folder: str) -> None:
+        """Evaluate the model in ``folder`` from now on; it is loaded in ``setup``."""
+        if folder != self.model_path:
+            self.model_path, self.model = folder, None
+
+    def member_params(self, imagesize: int) -> list[PatchCoreParams]:
+        """The parameters of every member ``fit`` builds, in the original's terms."""
+        h = self.hparams
+        return [
+            PatchCoreParams(
+                backbone=name,
+                layers=tuple(h.layers[name] if isinstance(h.layers, dict) else h.layers),
+                input_shape=(3, imagesize, imagesize),
+                pretrain_embed_dimension=h.pretrain_embed_dimension,
+                target_embed_dimension=h.target_embed_dimension,
+                patchsize=h.patchsize,
+                patchstride=1,
+                anomaly_scorer_num_nn=h.anomaly_scorer_num_nn,
             )
-        return self.model_paths[index]
-
-    def select(self, index: int, n_categories: int) -> None:
-        """Evaluate the ``index``-th category next; its models are loaded in ``setup``."""
-        path = self.model_path_for(index, n_categories)
-        if path != self.model_path:
-            self.model_path, self.members = path, []
-
-    def _bank_device(self) -> torch.device:
-        root = self.trainer.strategy.root_device if self._trainer is not None else torch.device("cpu")
-        if not self.faiss_on_gpu:
-            return torch.device("cpu")
-        if root.type == "cuda" and gpu_faiss_available():
-            return root
-        warn_gpu_unavailable()
-        return torch.device("cpu")
-
-    def _extractor(self, params: PatchCoreParams) -> str:
-        # One backbone per (name, layers, input shape): the warm-up pass depends on all three,
-        # and the original likewise builds a fresh backbone for every model it loads.
-        shape = "x".join(map(str, params.input_shape))
-        key = f"{params.backbone}:{'+'.join(params.layers)}:{shape}".replace(".", "_")
-        if key not in self.extractors:
-            try:
-                extractor, digest = load_feature_extractor(params.backbone, params.layers, self.backbone_weights)
-            except LayerError as err:
-                raise ModelFormatError(f"{self.model_path}: {err}") from None
-            self.weights_sha256[params.backbone] = digest
-            if self.original_bn_warmup:
-                original_bn_warmup(extractor, params.input_shape)
-            self.extractors[key] = extractor.to(self.device)
-        return key
-
-    def _check_weights(self, folder: str, members: list[Member]) -> None:
-        """Refuse other backbone weights than the ones our sidecar says a model was built with."""
-        sidecar = read_sidecar(folder)
-        if sidecar is None:
-            log.info("%s has no %s (the original's format): its backbone weights cannot be checked", folder, SIDECAR_FILE)
-            return
-        recorded = sidecar.get("weights_sha256", {})
-        for member in members:
-            name = member.params.backbone
-            if name not in recorded:
-                continue
-            expected, actual = recorded[name], self.weights_sha256.get(name)
-            if expected != actual:
-                message = (
-                    f"{folder} was built with {name} {_describe_weights(expected)}, but backbone_weights gives "
-                    f"{_describe_weights(actual)}; pass the same weights or --model.allow_other_weights true"
-                )
-                if not self.allow_other_weights:
-                    raise WeightsError(message)
-                log.warning("%s (allowed by allow_other_weights)", message)
-
-    def load_members(self, folder: str, imagesize: int) -> list[Member]:
-        members = []
-        for files in find_members(folder):
-            params = read_params(files.params)
-            if tuple(params.input_shape[1:]) != (imagesize, imagesize):
-                raise ModelFormatError(
-                    f"{files.params}: the model was built for input_shape {params.input_shape}, "
-                    f"but data.imagesize is {imagesize}"
-                )
-            bank = MemoryBank.load(files.index, self._bank_device())
-            if bank.dim != params.target_embed_dimension or len(bank) == 0:
-                raise ModelFormatError(
-                    f"{files.index}: index holds {len(bank)} vectors of dimension {bank.dim}; expected a "
-                    f"non-empty bank of target_embed_dimension={params.target_embed_dimension}"
-                )
-            if params.anomaly_scorer_num_nn > len(bank):
-                raise ModelFormatError(
-                    f"{files.params}: anomaly_scorer_num_nn={params.anomaly_scorer_num_nn} exceeds the bank size {len(bank)}"
-                )
-            members.append(Member(params, self._extractor(params), bank))
-        self._check_weights(folder, members)
-        release_free_heap()  # the warm-up passes' activations and the files' read buffers
-        return members
+            for name in h.backbones
+        ]
 
     def setup(self, stage: str) -> None:
         # PyTorch lets cuDNN convolutions use TF32 by default; PatchCore's numbers are fp32 numbers.
-        torch.backends.cudnn.allow_tf32 = self.allow_tf32
-        torch.backends.cuda.matmul.allow_tf32 = self.allow_tf32
-        if stage == "predict":
-            if len(self.model_paths) != 1:
-                raise ValueError(f"predict scores with one model folder; model.model_paths has {len(self.model_paths)}")
-            self.model_path = self.model_paths[0]
-            if not self.members:
-                self.members = self.load_members(self.model_path, self.trainer.datamodule.imagesize)
-            self.predictions = []
-            return
-        if stage != "test":
-            return
-        if self.model_path is None:
-            raise ValueError("model.model_paths is empty: give the model folder(s) to evaluate")
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = self.hparams.allow_tf32
         imagesize = self.trainer.datamodule.imagesize
-        if not self.members:
-            self.members = self.load_members(self.model_path, imagesize)
+        if stage == "fit":
+            # Lightning's fit loop expects something to train; here nothing is, by design.
+            warnings.filterwarnings("ignore", r".*configure_optimizers` returned `None`, this fit will run with no optimizer")
+            warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode at the start of training")
+            params = self.member_params(imagesize)
+            self.model = PatchCore(params, [self.backbone_cache.get(p) for p in params])
+            self.model_path = None
+            return
+        if stage == "predict" and self.model_path is None:
+            paths = self.hparams.model_paths or []
+            if len(paths) != 1:
+                raise ValueError(f"predict scores with one model folder; model.model_paths has {len(paths)}")
+            self.model_path = paths[0]
+        if self.model is None:
+            if self.model_path is None:
+                raise ValueError("model.model_paths is empty: give the model folder(s) to evaluate")
+            h = self.hparams
+            self.model = PatchCore.from_folder(
+                self.model_path, imagesize, self.backbone_cache, h.knn_backend, h.allow_other_weights
+            )
+
+    def _say_where_once(self) -> None:
+        if not self._said_where and self.model is not None and self.model.banks is not None:
+            log.info("nearest-neighbour search: %s", self.model.banks[0].describe())
+            self._said_where = True
+
+    # ------------------------------------------------------------------ fit
+    def configure_optimizers(self) -> None:
+        return None
+
+    def on_train_epoch_start(self) -> None:
+        self._features = [[] for _ in range(len(self.model))]
+        self._indices = []
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        """Every member's patch features of the batch's images, kept on the device until the epoch ends."""
+        images, _, _, indices = batch
+        keep = indices != PADDING_INDEX  # a DDP rank's placeholders give no features (but the shapes)
+        with torch.no_grad():
+            for m, features in enumerate(self._features):
+                feats, (h, w) = self.model.patch_features(images, m)  # (B*h*w, D)
+                features.append(feats.view(len(images), h * w, -1)[keep].flatten(0, 1))  # (b*h*w, D)
+        self._indices.append(indices[keep])
+
+    def on_train_epoch_end(self) -> None:
+        """Each member's features of every training image (from every process), in image order,
+        subsampled into its memory bank."""
+        indices = _gather_rows(torch.cat(self._indices))  # (N,) image indices, in arrival order
+        order = torch.argsort(indices)
+        n_images = len(indices)
+        seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))  # seed_everything's
+        banks = []
+        for p, parts in zip(self.model.params, self._features):
+            features = _gather_rows(torch.cat(parts))  # (N*h*w, D), images in arrival order
+            if not torch.equal(order, torch.arange(n_images, device=order.device)):
+                features = features.view(n_images, -1, features.shape[1])[order].flatten(0, 1)
+            # a generator of its own per member and category: a category's bank does not depend on the others
+            generator = torch.Generator().manual_seed(seed)  # on the CPU: the same draws for features on any device
+            keep = subsample(features, self.hparams.sampler, self.hparams.percentage, generator)
+            log.info("%s: kept %d of %d patch features (%s, %.4g)", p.backbone, len(keep), len(features),
+                     self.hparams.sampler, self.hparams.percentage)
+            banks.append(MemoryBank(features[keep], self.hparams.knn_backend))
+        self.model.banks = torch.nn.ModuleList(banks)
+        self.n_train_images = n_images
+        self._features, self._indices = [], []
+
+    # ------------------------------------------------------------------ test
+    def on_test_epoch_start(self) -> None:
+        self._say_where_once()
         self.evaluation.reset()
         self.result = None
 
-    # ----------------------------------------------------------------- building memory banks
-    def member_params(self, imagesize: int) -> list[PatchCoreParams]:
-        """The parameters of every member ``fit`` builds, in the original's terms."""
-        out = []
-        for name in self.backbones:
-            layers = self.layers[name] if isinstance(self.layers, dict) else self.layers
-            out.append(PatchCoreParams(name, tuple(layers), (3, imagesize, imagesize), patchstride=1, **self.fit_options))
-        return out
-
-    @torch.no_grad()
-    def build_members(self, loader, imagesize: int, seed: int, device: torch.device) -> list[Member]:
-        """Embed every training image with every member's backbone, subsample, build the banks."""
-        members = []
-        for params in self.member_params(imagesize):
-            key = self._extractor(params)
-            self.extractors[key].to(device)
-            feats = [self._patch_features(key, params, images.to(device).float())[0].cpu() for images, *_ in loader]
-            features = torch.cat(feats)  # (N_train * h * w, D)
-            generator = torch.Generator(device=features.device).manual_seed(seed)
-            keep = subsample(features, self.sampler, self.percentage, generator)
-            log.info(
-                "%s: kept %d of %d patch features (%s, %.4g)",
-                params.backbone, len(keep), len(features), self.sampler, self.percentage,
-            )
-            members.append(Member(params, key, MemoryBank.from_features(features[keep], self._bank_device())))
-        return members
-
-    def save_members(self, folder: str | Path, members: list[Member], n_train_images: int) -> Path:
-        """Write ``members`` in the original's folder format, plus our JSON sidecar."""
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        n = len(members)
-        for i, member in enumerate(members, start=1):
-            prefix = member_prefix(i, n)
-            write_params(folder / f"{prefix}{PARAMS_FILE}", member.params)
-            member.bank.save(folder / f"{prefix}{INDEX_FILE}")
-        sidecar = {
-            "weights_sha256": {m.params.backbone: self.weights_sha256.get(m.params.backbone) for m in members},
-            "backbone_weights": self.backbone_weights,
-            "original_bn_warmup": self.original_bn_warmup,
-            "sampler": self.sampler,
-            "percentage": self.percentage,
-            "n_train_images": n_train_images,
-            "bank_sizes": [len(m.bank) for m in members],
-            "versions": {
-                "python": platform.python_version(),
-                "torch": torch.__version__,
-                "torchvision": torchvision.__version__,
-                "faiss": faiss.__version__,
-                "lightning": L.__version__,
-            },
-        }
-        (folder / SIDECAR_FILE).write_text(json.dumps(sidecar, indent=2) + "\n")
-        return folder
-
-    # ----------------------------------------------------------------- the computation
-    def _patch_features(
-        self, key: str, p: PatchCoreParams, images: torch.Tensor
-    ) -> tuple[torch.Tensor, tuple[int, int]]:
-        """Images (B, 3, H, W) → patch features (B*h*w, D) and the grid (h, w), as fit and test see them."""
-        layer_maps = self.extractors[key](images)  # {layer: (B, C, h, w)}
-        return embed_images(
-            [layer_maps[layer] for layer in p.layers],
-            p.patchsize,
-            p.patchstride,
-            p.pretrain_embed_dimension,
-            p.target_embed_dimension,
-        )
-
-    def member_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Raw image scores (B, M) and segmentations (B, M, H, W) of every member."""
-        B, _, H, W = images.shape
-        scores, maps = [], []
-        for member in self.members:
-            p = member.params
-            feats, (h, w) = self._patch_features(member.extractor_key, p, images)  # (B*h*w, D)
-            patch = member.bank.patch_scores(feats, p.anomaly_scorer_num_nn).view(B, h, w)  # (B, h, w)
-            scores.append(patch.flatten(1).amax(dim=1))  # (B,)
-            maps.append(segmentation_maps(patch, (H, W)))  # (B, H, W)
-        return torch.stack(scores, dim=1), torch.stack(maps, dim=1)
-
-    def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+    def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> dict[str, torch.Tensor]:
+        """The batch's raw outputs into the metric; returns the raw scores (b, M), labels and indices."""
         images, masks, labels, indices = batch
-        raw_scores, raw_maps = self.member_outputs(images.float())
+        raw_scores, raw_maps = self.model(images)  # (B, M), (B, M, H, W)
+        keep = indices != PADDING_INDEX
+        if not bool(keep.all()):  # a DDP rank's placeholder: nothing to score, but the states keep their shapes
+            raw_scores, raw_maps, masks, labels, indices = (x[keep] for x in (raw_scores, raw_maps, masks, labels, indices))
         self.evaluation.update(raw_scores, raw_maps, masks, labels, indices)
+        return {"raw_scores": raw_scores, "labels": labels, "indices": indices}
 
-    def predict_step(self, batch: tuple, batch_idx: int) -> None:
-        """Raw scores of readable images; heatmaps written as they come (nothing kept per pixel)."""
+    def on_test_epoch_end(self) -> None:
+        """The category's metrics: every process gathers every image's outputs and computes them."""
+        self.result = self.evaluation.compute()
+        self.evaluation.reset()
+        name = self.trainer.datamodule.dataset_name
+        self.log_dict({f"test/{name}/{k}": self.result[k] for k in METRIC_NAMES}, rank_zero_only=True)
+
+    # ------------------------------------------------------------------ predict
+    def on_predict_epoch_start(self) -> None:
+        self._say_where_once()
+
+    def predict_step(self, batch: tuple, batch_idx: int) -> dict:
+        """Raw scores (b, M) and mean raw segmentation (b, H, W) of the batch's readable images;
+        ``rows`` are their positions in the batch."""
         images, indices, errors = batch
-        dataset = self.trainer.datamodule.predict_dataset
-        ok = [i for i, e in enumerate(errors) if not e]
-        for i, error in enumerate(errors):
-            if error:
-                self.predictions.append({"path": dataset.relative(int(indices[i])), "error": error})
-        if not ok:
-            return
-        raw_scores, raw_maps = self.member_outputs(images[ok].float())  # (b, M), (b, M, H, W)
-        maps = raw_maps.mean(dim=1)  # (b, H, W)
-        for k, i in enumerate(ok):
-            path = dataset.relative(int(indices[i]))
-            self.predictions.append({"path": path, "scores": raw_scores[k].tolist()})
-            if self.predict_dir_out is not None:
-                self._write_heatmap(dataset, int(indices[i]), path, maps[k])
+        rows = [i for i, (index, error) in enumerate(zip(indices.tolist(), errors)) if not error and index >= 0]
+        if not rows:
+            return {"rows": rows, "raw_scores": None, "raw_maps": None}
+        raw_scores, raw_maps = self.model(images[rows])  # (b, M), (b, M, H, W)
+        return {"rows": rows, "raw_scores": raw_scores, "raw_maps": raw_maps.mean(dim=1)}
 
-    def _write_heatmap(self, dataset, index: int, path: str, raw_map: torch.Tensor) -> None:
-        """``heatmaps/<path>.png``: the image | the raw map over it on the fixed scale [0, heatmap_max]."""
-        top = self.heatmap_max or self.image_threshold or float(raw_map.max()) or 1.0
-        target = self.predict_dir_out / "heatmaps" / f"{path}.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shown = dataset.display_image(index)
-        caption = f"{path}  max {float(raw_map.max()):.4g}  scale 0..{top:.4g}"
-        compose([shown, blend(shown, (raw_map / top).clamp(0, 1))], caption).save(target)
-        if self.save_raw_maps:
-            np.save(target.with_suffix(".npy"), raw_map.cpu().numpy())
 
-    @torch.no_grad()
-    def finish_category(self) -> dict:
-        """Gather the category's states from every rank and compute its metrics (call on all ranks).
+def _gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """(n_r, *S) tensors of every process concatenated in rank order (n_r may differ); ``x`` itself
+    without a process group."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    world = dist.get_world_size()
+    count = torch.tensor([len(x)], device=x.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    longest = int(max(counts))
+    padded = x.new_zeros(longest, *x.shape[1:])
+    padded[: len(x)] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(n)] for part, n in zip(parts, counts)])
 
-        Called after ``trainer.test`` rather than in a test hook: Lightning skips the hooks of a
-        rank whose shard is empty, and every rank must join the gather.
-        """
-        device = self.trainer.strategy.root_device
-        self.evaluation.to(device)  # Lightning's teardown moved the module to the CPU
-        if self.evaluation.update_count == 0:
-            # A rank with no image (fewer images than ranks) joins with empty states of the right shapes.
-            S, M = self.trainer.datamodule.imagesize, len(self.members)
-            empty = torch.empty(0, dtype=torch.long, device=device)
-            self.evaluation.update(
-                torch.empty(0, M, device=device),
-                torch.empty(0, M, S, S, device=device),
-                torch.empty(0, S, S, dtype=torch.uint8, device=device),
-                empty,
-                empty,
-            )
-        self.result = self.category_result()
-        return self.result
 
-    def category_result(self) -> dict:
-        """The category's metrics and normalised outputs from the accumulated (under DDP, gathered) states."""
-        release_free_heap()  # the batches' working memory, before the category's maps are normalised
-        return self.evaluation.compute_uncached()
+class FrozenModelDDPStrategy(DDPStrategy):
+    """DDP for a model without trainable parameters: DDP's processes and collectives, without
+    ``DistributedDataParallel`` around the module. torch refuses to wrap a module with nothing to
+    train, and there are no gradients to synchronise; Lightning leaves the module unwrapped when
+    testing and predicting alike."""
 
-    @property
-    def member_descriptions(self) -> list[str]:
-        return [f"{m.params.backbone}[{','.join(m.params.layers)}] bank {len(m.bank)}x{m.bank.dim}" for m in self.members]
+    def configure_ddp(self) -> None:
+        pass
+
+
+def frozen_model_strategy(strategy: str | Strategy | None) -> FrozenModelDDPStrategy | None:
+    """The ``FrozenModelDDPStrategy`` that stands in for a DDP strategy given by name (``ddp``,
+    ``ddp_spawn``, ...); None for anything else."""
+    if not isinstance(strategy, str) or strategy not in StrategyRegistry:
+        return None
+    entry = StrategyRegistry[strategy]
+    if entry["strategy"] is not DDPStrategy:
+        return None
+    return FrozenModelDDPStrategy(**entry["init_params"])

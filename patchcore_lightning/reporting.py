@@ -1,4 +1,6 @@
-"""What a run leaves behind: results.csv and segmentation images."""
+"""What a run leaves behind: results.csv and its resume state, predictions.csv, and the pictures
+(heatmaps over images, overlay strips, ROC curves) the callbacks write. Files are written
+atomically (a temporary file, then a rename): a reader never sees half a table."""
 
 from __future__ import annotations
 
@@ -6,7 +8,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
 import tempfile
 from collections.abc import Mapping, Sequence
@@ -16,10 +17,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from .metrics import METRIC_NAMES
+
 __all__ = [
     "RESULTS_COLUMNS",
-    "category_fingerprint",
     "blend",
+    "category_fingerprint",
     "colorize",
     "compose",
     "mean_row",
@@ -31,12 +34,11 @@ __all__ = [
     "write_predictions",
     "write_results",
     "write_run_state",
-    "write_segmentation_images",
 ]
 
 RUN_STATE_FILE = "results_config.json"
 
-RESULTS_COLUMNS = ("instance_auroc", "full_pixel_auroc", "full_pro", "anomaly_pixel_auroc", "anomaly_pro")
+RESULTS_COLUMNS = METRIC_NAMES
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -190,28 +192,6 @@ def compose(panels: Sequence[np.ndarray], caption: str) -> Image.Image:
 def overlay_strip(image: np.ndarray, mask: np.ndarray, heat: torch.Tensor, caption: str) -> Image.Image:
     """image (H, W, 3) uint8 | ground truth (H, W) uint8 | heatmap over the image, with a caption."""
     return compose([image, np.repeat(mask[..., None], 3, axis=2), blend(image, heat)], caption)
-
-
-def write_segmentation_images(
-    folder: str | os.PathLike,
-    samples: Sequence,
-    images: Sequence[np.ndarray],
-    masks: torch.Tensor,
-    maps: torch.Tensor,
-    scores: torch.Tensor,
-) -> list[Path]:
-    """One ``<anomaly>_<stem>.png`` per test image: image | ground truth | heatmap, and its score."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for sample, image, mask, heat, score in zip(samples, images, masks, maps, scores):
-        caption = f"{sample.anomaly}/{sample.image.name}  score {float(score):.4f}"
-        if math.isnan(float(score)):
-            caption = f"{sample.anomaly}/{sample.image.name}"
-        path = folder / f"{sample.name}.png"
-        overlay_strip(image, mask.cpu().numpy(), heat, caption).save(path)
-        written.append(path)
-    return written
 
 
 def roc_image(curves: Mapping[str, tuple[torch.Tensor, torch.Tensor]], size: int = 320) -> np.ndarray:

@@ -1,8 +1,7 @@
-"""MVTec loading: order, mask pairing and values, errors that name the file."""
+"""MVTec loading: order, mask pairing and values, errors that name the file, sharding."""
 
 from __future__ import annotations
 
-import os
 import shutil
 
 import numpy as np
@@ -11,7 +10,9 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from patchcore_lightning.data.mvtec import DataError, MVTecDataModule, MVTecDataset, list_samples
+from patchcore_lightning.data.datamodule import AnomalyDataModule, shard_batches
+from patchcore_lightning.data.images import PADDING_INDEX, DataError
+from patchcore_lightning.data.mvtec import MVTecDataset, list_samples
 from patchcore_lightning.data.synthetic import make_synthetic_mvtec
 
 from .conftest import make_mvtec_tree
@@ -64,10 +65,10 @@ def test_unreadable_image_and_mask_size_mismatch(tmp_path):
 
 def test_datamodule_validates_and_generates_synthetic_data(tmp_path):
     with pytest.raises(ValueError, match="lists a category twice"):
-        MVTecDataModule(categories=["a", "a"])
+        AnomalyDataModule(categories=["a", "a"])
     with pytest.raises(ValueError, match="resize=100, imagesize=128"):
-        MVTecDataModule(resize=100, imagesize=128)
-    dm = MVTecDataModule(root=str(tmp_path / "syn"), categories=["tiles"], resize=40, imagesize=32, synthetic=True)
+        AnomalyDataModule(resize=100, imagesize=128)
+    dm = AnomalyDataModule(root=str(tmp_path / "syn"), categories=["tiles"], resize=40, imagesize=32, synthetic=True)
     dm.prepare_data()
     dm.setup("test")
     assert dm.dataset_name == "mvtec_tiles" and len(dm.test_dataset) == 6 + 3 * 3
@@ -80,69 +81,25 @@ def test_datamodule_validates_and_generates_synthetic_data(tmp_path):
 def test_ddp_shards_are_whole_single_process_batches():
     class _Trainer:
         world_size, global_rank = 3, 0
+        strategy = type("S", (), {"root_device": torch.device("cpu")})()
 
-    dm = MVTecDataModule(categories=["x"], batch_size=2, num_workers=0)
+    dm = AnomalyDataModule(categories=["x"], batch_size=2, num_workers=0)
     seen = []
     for rank in range(3):
         _Trainer.global_rank = rank
         dm.trainer = _Trainer()
-        loader = dm._loader(list(range(11)), shard=True)
+        loader = dm._loader(list(range(11)))
         seen.append([batch.tolist() for batch in loader])
     assert seen == [[[0, 1], [6, 7]], [[2, 3], [8, 9]], [[4, 5], [10]]]
+    assert shard_batches(11, 2) == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10]]  # one process: every batch
+    # 7 batches on 3 ranks: every rank runs 3 batches (Lightning's training loop syncs at every batch)
+    assert [shard_batches(13, 2, r, 3) for r in range(3)] == [
+        [[0, 1], [6, 7], [12]], [[2, 3], [8, 9], [PADDING_INDEX]], [[4, 5], [10, 11], [PADDING_INDEX]]
+    ]
 
 
-def _nice_value() -> int:
-    return os.nice(0)
-
-
-def _pil_cached_blocks() -> int:
-    return Image.core.get_blocks_max()
-
-
-def _scheduling_policy() -> int:
-    return os.sched_getscheduler(0)
-
-
-class _ProcessProbe(torch.utils.data.Dataset):
-    """Two items, each ``read()`` in the process that loads it (a worker's own settings)."""
-
-    def __init__(self, read) -> None:
-        self.read = read
-
-    def __len__(self) -> int:
-        return 2
-
-    def __getitem__(self, index: int) -> int:
-        return self.read()
-
-
-@pytest.mark.parametrize("niceness", [0, 7])
-def test_cpu_workers_yield_to_the_model(niceness):
-    dm = MVTecDataModule(categories=["weave"], num_workers=1, worker_niceness=niceness)
-    base = os.nice(0)
-    loaded = [int(x) for batch in dm._loader(_ProcessProbe(_nice_value)) for x in batch]
-    assert loaded == [min(base + niceness, 19)] * 2
-    assert os.nice(0) == base  # the main process keeps its priority
-    with pytest.raises(ValueError, match="worker_niceness must be in 0..19, got 20"):
-        MVTecDataModule(categories=["weave"], worker_niceness=20)
-
-
-@pytest.mark.parametrize("niceness", [0, 19])
-def test_workers_let_pil_reuse_image_buffers(niceness):
-    from patchcore_lightning.data.mvtec import PIL_CACHED_BLOCKS
-
-    dm = MVTecDataModule(categories=["weave"], num_workers=1, worker_niceness=niceness)
-    main = Image.core.get_blocks_max()
-    loaded = [int(x) for batch in dm._loader(_ProcessProbe(_pil_cached_blocks)) for x in batch]
-    assert loaded == [max(main, PIL_CACHED_BLOCKS)] * 2
-    assert Image.core.get_blocks_max() == main  # the main process keeps PIL's setting
-
-
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="Linux's SCHED_IDLE policy")
-@pytest.mark.parametrize("idle", [True, False])
-def test_cpu_workers_can_take_only_idle_cycles(idle):
-    dm = MVTecDataModule(categories=["weave"], num_workers=1, worker_idle_policy=idle)
-    main = os.sched_getscheduler(0)
-    loaded = [int(x) for batch in dm._loader(_ProcessProbe(_scheduling_policy)) for x in batch]
-    assert loaded == [os.SCHED_IDLE if idle else main] * 2
-    assert os.sched_getscheduler(0) == main  # the main process keeps its policy
+def test_a_rank_without_images_gets_a_placeholder_batch(mvtec_root):
+    assert [shard_batches(2, 2, rank, 3) for rank in range(3)] == [[[0, 1]], [[PADDING_INDEX]], [[PADDING_INDEX]]]
+    dataset = MVTecDataset(list_samples(mvtec_root, "alpha"), 72, 64)
+    image, mask, label, index = dataset[PADDING_INDEX]  # not the last sample, as a plain negative index would be
+    assert index == PADDING_INDEX and not image.any() and not mask.any() and image.shape == (3, 64, 64)

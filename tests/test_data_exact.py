@@ -1,4 +1,5 @@
-"""Items are bit for bit what the plain PIL + torchvision chain (the original's) computes, in every image mode."""
+"""Items are bit for bit what the plain PIL + torchvision chain (the original's) computes, in every image mode,
+and the pictures the writers draw are exactly the pixels the backbone saw."""
 
 from __future__ import annotations
 
@@ -11,14 +12,8 @@ from PIL import Image
 from torchvision import transforms
 
 from patchcore_lightning.data.folder import ImageFolderDataset
-from patchcore_lightning.data.mvtec import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DataError,
-    MVTecDataset,
-    Sample,
-    _ResizeCrop,
-)
+from patchcore_lightning.data.images import IMAGENET_MEAN, IMAGENET_STD, DataError, Sample, to_display
+from patchcore_lightning.data.mvtec import MVTecDataset
 
 
 def plain_geometry(resize: int, imagesize: int) -> transforms.Compose:
@@ -71,9 +66,8 @@ def write_modes(folder: Path, h: int, w: int, seed: int = 0, large: bool = False
 
 
 # (height, width, resize, imagesize): MVTec sizes resized to 256, non-square, odd crop margins (rounded
-# half to even), the whole resized image, upsampled (dyadic scales: only the crop is resized); scales that
-# are not dyadic (full resize, then crop); already at the resize (crop only); a crop larger than the
-# resized image (padded).
+# half to even), the whole resized image, upsampled; already at the resize (crop only); a crop larger
+# than the resized image (padded).
 GEOMETRIES = [
     (1024, 1024, 256, 224),
     (900, 900, 256, 224),
@@ -101,7 +95,7 @@ def test_items_equal_the_plain_chain_in_every_mode(tmp_path, h, w, resize, image
         assert image.is_contiguous() and image.dtype == torch.float32 and mask.dtype == torch.uint8
         with Image.open(sample.image) as img:
             shown = np.asarray(plain_geometry(resize, imagesize)(img.convert("RGB")))
-        np.testing.assert_array_equal(dataset.display_image(i), shown)
+        np.testing.assert_array_equal(to_display(image).numpy(), shown)
 
 
 @pytest.mark.parametrize(("h", "w", "resize", "imagesize"), GEOMETRIES[2:])
@@ -120,30 +114,18 @@ def test_folder_items_equal_the_plain_chain_in_every_format(tmp_path, h, w, resi
         assert torch.equal(image, plain_image(path, resize, imagesize)), path.name
         with Image.open(path) as img:
             shown = np.asarray(plain_geometry(resize, imagesize)(img.convert("RGB")))
-        np.testing.assert_array_equal(dataset.display_image(i), shown)
+        np.testing.assert_array_equal(to_display(image).numpy(), shown)
 
 
-def test_resizing_only_the_crop_is_exact_where_used_and_would_not_be_elsewhere():
-    rng = np.random.default_rng(0)
-    taken = 0
-    for w in range(33, 140, 5):
-        for h in (w, w + 13):
-            for resize, imagesize in ((32, 32), (32, 27), (32, 24), (24, 19), (40, 33), (48, 40)):
-                img = Image.fromarray(_noise(rng, h, w, 3))
-                geometry = _ResizeCrop(resize, imagesize)
-                for picture in (img, img.convert("L")):
-                    expected = np.asarray(plain_geometry(resize, imagesize)(picture))
-                    np.testing.assert_array_equal(np.asarray(geometry(picture)), expected, err_msg=f"{w}x{h}")
-                taken += geometry._box(*img.size) is not None
-    assert taken > 50  # the crop-only resize did run (scales w / 32, w / 24, w / 48 ... are dyadic)
-    # 1024 -> 366 is not dyadic: resizing only the crop there (box in plain float arithmetic) shifts
-    # filter weights by a rounding and changes pixels, which is why `_ResizeCrop` resizes it whole
-    img = Image.fromarray(_noise(rng, 1024, 1024, 3))
-    assert _ResizeCrop(366, 320)._box(1024, 1024) is None
-    scale, left = 1024 / 366, 23
-    box = (left * scale, left * scale, (left + 320) * scale, (left + 320) * scale)
-    naive = np.asarray(img.resize((320, 320), Image.BILINEAR, box=box))
-    assert not np.array_equal(naive, np.asarray(plain_geometry(366, 320)(img)))
+def test_display_recovers_every_pixel_value():
+    values = torch.arange(256, dtype=torch.uint8)
+    pixels = torch.stack(torch.meshgrid(values, values, indexing="ij")).flatten(1)[:, :, None]  # every pair, 2 channels
+    rgb = torch.cat([pixels, pixels[:1].flip(1)]).expand(3, 256 * 256, 2)  # (3, 65536, 2) uint8
+    image = Image.fromarray(rgb.permute(1, 2, 0).numpy().copy())
+    normalised = transforms.Compose([transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])(image)
+    assert torch.equal(to_display(normalised), rgb.permute(1, 2, 0))
+    batch = torch.stack([normalised, normalised])  # (B, 3, H, W) → (B, H, W, 3)
+    assert to_display(batch).shape == (2, 256 * 256, 2, 3)
 
 
 def test_unreadable_files_fail_with_the_plain_chains_message(tmp_path):

@@ -1,5 +1,5 @@
-"""Patch features against the original's reshape chain (transcribed in original_oracle), and the
-fused pooling against unfold + ``adaptive_avg_pool1d`` bit for bit."""
+"""Patch features against the original's reshape chain (transcribed in original_oracle) and the
+literal chain, and the fused pooling against unfold + ``adaptive_avg_pool1d`` bit for bit."""
 
 from __future__ import annotations
 
@@ -8,13 +8,12 @@ import torch
 import torch.nn.functional as F
 
 from patchcore_lightning.embedding import (
-    _patchify_channels_last,
-    _pooled_patches,
     adaptive_avg_pool_channels,
     aggregate_layers,
     embed,
     patch_grid,
     patchify,
+    pooled_patches,
 )
 
 from . import original_oracle as oracle
@@ -83,24 +82,19 @@ def test_fused_patch_pooling_is_unfold_then_pool_bit_for_bit(C, patchsize, strid
     blocks = patchify(feats, patchsize, stride)  # (B, C*p*p, h', w')
     B, n, h, w = blocks.shape
     expected = F.adaptive_avg_pool1d(blocks.permute(0, 2, 3, 1).reshape(-1, 1, n), size).view(B, h, w, size)
-    ours = _pooled_patches(feats, patchsize, stride, size)  # (B, size, h', w')
+    ours = pooled_patches(feats, patchsize, stride, size)  # (B, size, h', w')
     assert torch.equal(ours.permute(0, 2, 3, 1), expected)
 
 
 @pytest.mark.parametrize(
     "shapes, patchsize, pre, target",
     [
-        ([(2, 12, 9, 9), (2, 20, 9, 9)], 3, 64, 48),  # equal grids: both layers fused
-        ([(2, 8, 12, 12), (2, 16, 6, 6), (2, 4, 3, 3)], 3, 40, 24),  # coarser layers resized
-        ([(1, 6, 10, 9), (1, 10, 5, 5)], 5, 33, 70),  # p = 5, non-square, pooling grows
-        ([(1, 8, 8, 8), (1, 64, 4, 4)], 3, 64, 24),  # windows of one channel's block: shifted maps resized
-        ([(1, 6, 10, 9), (1, 64, 5, 5)], 5, 64, 12),  # the same with p = 5
-        ([(1, 6, 10, 9), (1, 10, 5, 5)], 5, 10, 12),  # one channel's block, but 10 channels: blocks resized
-        ([(1, 8, 8, 8), (1, 64, 4, 4)], 3, 40, 2),  # final windows of one whole layer each
+        ([(2, 12, 9, 9), (2, 20, 9, 9)], 3, 64, 48),  # equal grids: nothing resized
         ([(1, 8, 8, 8)], 3, 40, 1),  # one layer pooled to its mean
+        ([(2, 5, 9, 7)], 5, 33, 17),  # one layer, p = 5, many phases
     ],
 )
-def test_embed_is_the_literal_chain_bit_for_bit(shapes, patchsize, pre, target):
+def test_embed_on_one_grid_is_the_literal_chain_bit_for_bit(shapes, patchsize, pre, target):
     g = torch.Generator().manual_seed(3)
     maps = [torch.randn(s, generator=g) for s in shapes]
     ours, grid = embed(maps, patchsize, 1, pre, target)
@@ -108,114 +102,48 @@ def test_embed_is_the_literal_chain_bit_for_bit(shapes, patchsize, pre, target):
     assert torch.equal(ours, aggregate_layers([patchify(m, patchsize) for m in maps], pre, target))
 
 
-def test_embed_wideresnet50_shapes_bit_for_bit():
-    """layer2 (512, 28²) + layer3 (1024, 14²) → 1024 + 1024 → 1024, as IM224_WR50; channels_last maps too.
+@pytest.mark.parametrize(
+    "shapes, patchsize, pre, target",
+    [
+        ([(2, 8, 12, 12), (2, 16, 6, 6), (2, 4, 3, 3)], 3, 40, 24),  # coarser layers resized
+        ([(1, 6, 10, 9), (1, 10, 5, 5)], 5, 33, 70),  # p = 5, non-square, pooling grows
+        ([(1, 8, 8, 8), (1, 64, 4, 4)], 3, 64, 24),  # windows of one channel's block
+        ([(1, 8, 8, 8), (1, 64, 4, 4)], 3, 40, 2),  # final windows of one whole layer each
+    ],
+)
+def test_embed_resizes_the_pooled_later_layers_as_the_chain_resizes_the_blocks(shapes, patchsize, pre, target):
+    """Pooling commutes with the (linear, per-channel) resize: the same features up to float rounding."""
+    g = torch.Generator().manual_seed(4)
+    maps = [torch.randn(s, generator=g) for s in shapes]
+    ours, grid = embed(maps, patchsize, 1, pre, target)
+    expected = aggregate_layers([patchify(m, patchsize) for m in maps], pre, target)
+    assert grid == shapes[0][-2:] and ours.shape == expected.shape
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
 
-    The oracle resizes every block entry as a one-channel image, whose kernel rounds differently
-    (≤ 2e-7 here); against the literal chain in one layout the features are bit-identical."""
+
+def test_embed_wideresnet50_shapes():
+    """layer2 (512, 28²) + layer3 (1024, 14²) → 1024 + 1024 → 1024, as IM224_WR50: the original's
+    chain (every block entry resized as a one-channel image) to float rounding; channels_last maps too."""
     g = torch.Generator().manual_seed(50)
     maps = [torch.randn(1, 512, 28, 28, generator=g).relu(), torch.randn(1, 1024, 14, 14, generator=g).relu()]
     expected, _ = oracle.embed({"layer2": maps[0], "layer3": maps[1]}, ["layer2", "layer3"], 3, 1024, 1024)
     ours, grid = embed(maps, 3, 1, 1024, 1024)
     assert grid == (28, 28)
-    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)  # its resizing layout rounds differently
-    assert torch.equal(ours, aggregate_layers([patchify(m, 3) for m in maps], 1024, 1024))
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
     channels_last, _ = embed([m.contiguous(memory_format=torch.channels_last) for m in maps], 3, 1, 1024, 1024)
-    assert torch.equal(channels_last, ours)
+    torch.testing.assert_close(channels_last, ours, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize(
-    "shape, patchsize, stride", [((2, 5, 9, 7), 3, 1), ((1, 4, 12, 11), 3, 2), ((2, 3, 6, 6), 5, 1)]
-)
-def test_channels_last_patchify_is_patchify(shape, patchsize, stride):
-    x = torch.randn(shape, generator=torch.Generator().manual_seed(7))
-    blocks = _patchify_channels_last(x, patchsize, stride)
-    assert blocks.is_contiguous(memory_format=torch.channels_last)
-    assert torch.equal(blocks, patchify(x, patchsize, stride))
-
-
-@pytest.mark.parametrize(
-    "C, patchsize, pre",
-    [
-        (256, 3, 128),  # windows of 18 entries (two whole channels): slices of 64 channels
-        (256, 3, 768),  # windows of 3 entries, inside a channel
-        (128, 5, 100),  # p = 5, windows of 32 entries
-        (200, 3, 1024),  # 1800 → 1024: groups of 225 entries, one slice holds them all
-    ],
-)
-@pytest.mark.parametrize("chunk_bytes", [1, 100_000, 1 << 30])
-def test_resizing_in_channel_slices_is_bit_for_bit_and_bounded(monkeypatch, C, patchsize, pre, chunk_bytes):
-    g = torch.Generator().manual_seed(C + pre)
-    maps = [torch.randn(2, 16, 8, 8, generator=g), torch.randn(2, C, 4, 4, generator=g)]
-    expected = aggregate_layers([patchify(m, patchsize) for m in maps], pre, 48)
-    resized = []  # bytes of every resized slice
-    interpolate = F.interpolate
-
-    def recording(x, *args, **kwargs):
-        out = interpolate(x, *args, **kwargs)
-        resized.append(out.numel() * out.element_size())
-        return out
-
-    monkeypatch.setattr(F, "interpolate", recording)
-    ours, _ = embed(maps, patchsize, 1, pre, 48, chunk_bytes=chunk_bytes)
-    assert torch.equal(ours, expected)
-    entry_bytes = 2 * 8 * 8 * 4  # one block entry resized to the 8 x 8 grid, both images
-    smallest = (64 if pre != 1024 else C) * patchsize**2 * entry_bytes  # a slice holds at least 64 channels
-    assert sum(resized) == C * patchsize**2 * entry_bytes  # every entry resized once
-    assert max(resized) <= max(chunk_bytes, smallest)
-    assert len(resized) == (1 if chunk_bytes == 1 << 30 or pre == 1024 else -(-sum(resized) // max(resized)))
-
-
-def test_one_channel_windows_never_build_the_blocks(monkeypatch):
-    """WideResNet50's layer3 to 1024 (windows of one channel's 3x3 block, 64 | C): the shifted maps are
-    resized and summed; no (B, C*p*p, h, w) blocks are made (they are 9x the layer, 29 MB resized)."""
+def test_fused_pooling_never_builds_the_blocks(monkeypatch):
+    """Windows inside one channel's block (WideResNet50's 4608 → 1024 and 9216 → 1024): no unfold."""
     from patchcore_lightning import embedding
 
     g = torch.Generator().manual_seed(5)
     maps = [torch.randn(1, 32, 8, 8, generator=g), torch.randn(1, 128, 4, 4, generator=g)]
-    expected = aggregate_layers([patchify(m, 3) for m in maps], 128, 64)
+    expected = embed(maps, 3, 1, 64, 64)[0]
 
     def refuse(*args, **kwargs):
         raise AssertionError("blocks built")
 
-    monkeypatch.setattr(embedding, "_patchify_channels_last", refuse)
-    ours, _ = embed(maps, 3, 1, 128, 64)
-    assert torch.equal(ours, expected)
-
-
-def test_final_windows_inside_one_layer_skip_the_stacked_features(monkeypatch):
-    """IM224_WR50's 2 x 1024 → 1024: every final window (2 entries) lies inside one layer, so each
-    layer is pooled on its own, straight into the output; windows across layers stack them first."""
-    from patchcore_lightning import embedding
-
-    g = torch.Generator().manual_seed(9)
-    maps = [torch.randn(1, 32, 8, 8, generator=g), torch.randn(1, 128, 4, 4, generator=g)]
-    per_layer = aggregate_layers([patchify(m, 3) for m in maps], 128, 64)  # 256 → 64: windows of 4 entries
-    across = aggregate_layers([patchify(m, 3) for m in maps], 120, 7)  # 240 → 7: window 3 spans both
-
-    layer_rows = embedding._layer_rows
-    widths = []  # the width of every layer's rows: pretrain_dim when stacked, its output columns when not
-
-    def recording(*args, **kwargs):
-        rows = layer_rows(*args, **kwargs)
-        widths.append(rows.shape[-1])
-        return rows
-
-    monkeypatch.setattr(embedding, "_layer_rows", recording)
-    monkeypatch.setattr(embedding, "adaptive_avg_pool_channels", _refusing_wide(embedding.adaptive_avg_pool_channels))
-    ours, _ = embed(maps, 3, 1, 128, 64)
-    assert torch.equal(ours, per_layer) and ours.is_contiguous() and widths == [32, 32]
-    widths.clear()
-    ours, _ = embed(maps, 3, 1, 120, 7)
-    assert torch.equal(ours, across) and widths == [120, 120]
-
-
-def _refusing_wide(pool):
-    """``pool``, except that pooling the stacked features of both layers (256 → 64) is an error."""
-
-    def checked(x, size):
-        if (x.shape[1], size) == (256, 64):
-            raise AssertionError("the stacked features were pooled")
-        return pool(x, size)
-
-    return checked
+    monkeypatch.setattr(embedding.F, "unfold", refuse)
+    assert torch.equal(embed(maps, 3, 1, 64, 64)[0], expected)

@@ -1,13 +1,19 @@
-"""fit writes the original's format; fit → test round trips; test without model_paths builds first."""
+"""fit writes the original's format through Lightning's fit loop, on one or two processes; fit → test round
+trips; test without model_paths builds first."""
 
 from __future__ import annotations
 
 import json
+import os
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import faiss
 import numpy as np
 import pytest
+from lightning.pytorch.callbacks import Callback
 
 from patchcore_lightning.cli import main
 from patchcore_lightning.reporting import RESULTS_COLUMNS, read_results
@@ -111,3 +117,43 @@ def test_ensemble_fit_writes_prefixed_members(mvtec_root, resnet18_weights, tmp_
     with open(folder / "Ensemble-2-2_patchcore_params.pkl", "rb") as handle:
         second = pickle.load(handle)
     assert second["backbone.name"] == "resnet50" and second["layers_to_extract_from"] == ("layer2",)
+
+
+class BatchCounter(Callback):
+    """Counts the training batches Lightning's fit loop hands to the module."""
+
+    batches = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        type(self).batches += len(batch[0])
+
+
+def test_fit_runs_through_lightnings_fit_loop(mvtec_root, resnet18_weights, tmp_path):
+    BatchCounter.batches = 0
+    main(["fit", *_common(mvtec_root, resnet18_weights, tmp_path), "--data.categories", "[alpha]",
+          "--data.batch_size", "2", "--trainer.callbacks+=tests.test_fit.BatchCounter"])
+    assert BatchCounter.batches == 3  # every training image, in Lightning's batches
+    assert (tmp_path / "models" / "mvtec_alpha" / "nnscorer_search_index.faiss").is_file()
+
+
+def test_fit_on_two_processes_builds_the_one_process_bank(mvtec_root, resnet18_weights, tmp_path):
+    """Each process embeds its shard of the training images; the features are gathered in image order,
+    so both processes subsample what one process would, and rank 0 writes the same folder."""
+    script = Path(__file__).parent.parent / "lightning_cli.py"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+    def fit(out, *extra):
+        # batches of one: rank 0 embeds images 0 and 2, rank 1 image 1, so the gather must reorder
+        args = ["fit", *_common(mvtec_root, resnet18_weights, out), "--data.batch_size", "1", *extra]
+        proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return out / "models"
+
+    one = fit(tmp_path / "one")
+    two = fit(tmp_path / "two", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    for category in ("mvtec_alpha", "mvtec_beta"):
+        banks = [faiss.read_index(str(m / category / "nnscorer_search_index.faiss")) for m in (one, two)]
+        vectors = [np.asarray(b.reconstruct_n(0, b.ntotal)) for b in banks]
+        assert vectors[0].shape == vectors[1].shape and np.array_equal(vectors[0], vectors[1]), category
+        sidecar = json.loads((two / category / "patchcore_lightning.json").read_text())
+        assert sidecar["n_train_images"] == 3

@@ -1,4 +1,4 @@
-"""The bank's two exact searches (faiss, chunked torch) against brute-force distances; file round trip."""
+"""The bank's two exact searches (faiss, chunked torch) against brute-force distances, which runs where, file round trip."""
 
 from __future__ import annotations
 
@@ -19,14 +19,14 @@ def test_patch_scores_are_mean_squared_distances_to_k_nearest(tmp_path):
     g = torch.Generator().manual_seed(0)
     bank_vectors = torch.randn(200, 32, generator=g)
     queries = torch.randn(50, 32, generator=g) * 3
-    bank = MemoryBank.from_features(bank_vectors)
-    assert bank.backend == "faiss"  # the CPU default: the original's numbers
+    bank = MemoryBank(bank_vectors)
+    assert bank.kind == "faiss"  # the CPU default: the original's numbers
     for k in (1, 3):
         expected = _brute_force(queries, bank_vectors, k).mean(dim=1)
         torch.testing.assert_close(bank.patch_scores(queries, k).double(), expected, rtol=1e-4, atol=1e-4)
     bank.save(tmp_path / "bank.faiss")
     again = MemoryBank.load(tmp_path / "bank.faiss")
-    assert torch.equal(again.vectors(), bank_vectors)
+    assert torch.equal(again.vectors, bank_vectors)
     assert torch.equal(again.patch_scores(queries, 3), bank.patch_scores(queries, 3))
 
 
@@ -37,13 +37,13 @@ def test_torch_search_is_exact_with_any_chunking(k, block_bytes):
     g = torch.Generator().manual_seed(k)
     bank_vectors = torch.randn(101, 24, generator=g)
     queries = torch.cat([torch.randn(44, 24, generator=g) * 2, bank_vectors[:1]])  # one query in the bank: 0
-    bank = MemoryBank.from_features(bank_vectors, backend="torch")
+    bank = MemoryBank(bank_vectors, knn_backend="torch")
     bank.block_bytes = block_bytes
     found = bank.search(queries, k)  # (45, k)
     expected = _brute_force(queries, bank_vectors, k)
     torch.testing.assert_close(found.double(), expected, rtol=1e-4, atol=1e-4)
     assert found[-1, 0] < 1e-4 and bool((found.diff(dim=1) >= 0).all())  # its own row: ~0, as faiss's BLAS path
-    torch.testing.assert_close(found, MemoryBank.from_features(bank_vectors).search(queries, k), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(found, MemoryBank(bank_vectors).search(queries, k), rtol=1e-5, atol=1e-4)
 
 
 def test_torch_search_never_builds_a_block_over_the_limit(monkeypatch):
@@ -62,26 +62,45 @@ def test_torch_search_never_builds_a_block_over_the_limit(monkeypatch):
     torch.testing.assert_close(found.double(), _brute_force(queries, bank, 3), rtol=1e-4, atol=1e-4)
 
 
-def test_backend_choice_and_errors():
-    index = faiss.IndexFlatL2(8)
-    index.add(torch.randn(10, 8))
-    assert MemoryBank(index).backend == "faiss"
-    assert MemoryBank(index, "cpu", "torch").backend == "torch"
-    with pytest.raises(ValueError, match="auto, faiss or torch"):
-        MemoryBank(index, "cpu", "annoy")
-    if not memory_bank.gpu_faiss_available():
-        with pytest.raises(ValueError, match="faiss GPU build"):
-            MemoryBank(index, "cuda", "faiss")
+def test_backend_choice_follows_the_banks_device(monkeypatch):
+    vectors = torch.randn(10, 8)
+    assert MemoryBank(vectors).kind == "faiss"
+    assert MemoryBank(vectors, "torch").kind == "torch"
+    with pytest.raises(ValueError, match="knn_backend must be auto, faiss or torch, got 'annoy'"):
+        MemoryBank(vectors, "annoy")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 1)
+    assert [memory_bank.search_kind(b, cpu) for b in ("auto", "faiss", "torch")] == ["faiss", "faiss", "torch"]
+    monkeypatch.setattr(memory_bank, "gpu_faiss_available", lambda: False)  # the faiss-cpu wheel
+    assert [memory_bank.search_kind(b, cuda) for b in ("auto", "faiss", "torch")] == ["torch", "faiss", "torch"]
+    monkeypatch.setattr(memory_bank, "gpu_faiss_available", lambda: True)  # a faiss GPU build
+    assert [memory_bank.search_kind(b, cuda) for b in ("auto", "faiss", "torch")] == ["faiss-gpu", "faiss-gpu", "torch"]
+    assert memory_bank.search_kind("auto", torch.device("mps")) == "torch"
+
+
+def test_the_bank_is_a_buffer_that_moves_with_its_module_and_is_not_saved():
+    bank = MemoryBank(torch.randn(10, 8))
+    model = torch.nn.ModuleList([bank]).to(torch.float64)  # float64: a move other than a device change
+    assert dict(model.named_buffers())["0.vectors"] is bank.vectors and bank.vectors.dtype == torch.float64
+    assert "0.vectors" not in model.state_dict()  # the original's .faiss files hold the banks
+
+
+def test_search_caches_follow_the_vectors():
+    g = torch.Generator().manual_seed(3)
+    bank = MemoryBank(torch.randn(30, 4, generator=g))
+    queries = torch.randn(5, 4, generator=g)
+    first = bank.search(queries, 2)
+    bank.vectors = bank.vectors * 2  # new vectors (as after a move): the index is made again
+    torch.testing.assert_close(bank.search(queries * 2, 2), first * 4, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_torch_search_matches_cpu_faiss():
     g = torch.Generator().manual_seed(2)
     bank_vectors, queries = torch.randn(4000, 64, generator=g), torch.randn(700, 64, generator=g)
-    gpu = MemoryBank.from_features(bank_vectors, "cuda", backend="torch")
+    gpu = MemoryBank(bank_vectors.cuda(), knn_backend="torch")
     found = gpu.search(queries.cuda(), 3)
     assert found.is_cuda
-    expected = MemoryBank.from_features(bank_vectors).search(queries, 3)  # faiss on the CPU
+    expected = MemoryBank(bank_vectors).search(queries, 3)  # faiss on the CPU
     torch.testing.assert_close(found.cpu(), expected, rtol=1e-5, atol=1e-4)
 
 
@@ -93,7 +112,7 @@ def test_rejects_wrong_index_and_bad_queries(tmp_path):
     with pytest.raises(ValueError, match="cannot read faiss index"):
         MemoryBank.load(tmp_path / "junk.faiss")
     for backend in ("faiss", "torch"):
-        bank = MemoryBank.from_features(torch.randn(5, 8), backend=backend)
+        bank = MemoryBank(torch.randn(5, 8), knn_backend=backend)
         with pytest.raises(ValueError, match="dimension 7"):
             bank.search(torch.randn(2, 7), 1)
         with pytest.raises(ValueError, match="anomaly_scorer_num_nn=6"):

@@ -81,7 +81,7 @@ def test_single_and_ensemble_folders(tmp_path):
         f"Ensemble-{i}-3_nnscorer_search_index.faiss" for i in (1, 2, 3)
     ]
     loaded = MemoryBank.load(find_members(ensemble)[1].index)
-    np.testing.assert_array_equal(loaded.vectors().numpy(), bank)
+    np.testing.assert_array_equal(loaded.vectors.numpy(), bank)
     (ensemble / "Ensemble-2-3_patchcore_params.pkl").unlink()
     with pytest.raises(ModelFormatError, match="missing Ensemble-2-3_patchcore_params.pkl"):
         find_members(ensemble)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 
-from .mvtec import _IMAGE_MODES, IMAGE_EXTENSIONS, DataError, _read, _ResizeCrop, _to_normalized_tensor
+from .images import IMAGE_EXTENSIONS, PADDING_INDEX, DataError, ImageTransform
 
 __all__ = ["ImageFolderDataset", "list_images"]
 
@@ -32,29 +32,27 @@ class ImageFolderDataset(Dataset):
     """Items: image (3, S, S) (zeros if unreadable), index, and "" or the reason it could not be read.
 
     An unreadable file does not stop the run: the model skips it and ``predict`` lists it in
-    skipped.csv. Grayscale, palette and RGBA images are converted to RGB.
+    skipped.csv. Grayscale, palette, CMYK and RGBA images are converted to RGB.
     """
 
     def __init__(self, root: str | os.PathLike, resize: int, imagesize: int) -> None:
         self.root = Path(root)
         self.paths = list_images(self.root)
-        self.imagesize = imagesize
-        self.geometry = _ResizeCrop(resize, imagesize)
+        self.transform = ImageTransform(resize, imagesize)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def relative(self, index: int) -> str:
+        """The image's path relative to the folder, with forward slashes."""
         return self.paths[index].relative_to(self.root).as_posix()
 
-    def display_image(self, index: int) -> np.ndarray:
-        """The image as the backbone saw it (resized and cropped), un-normalised. (S, S, 3) uint8"""
-        image = self.geometry(_read(self.paths[index], _IMAGE_MODES))
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int, str]:
+        if index == PADDING_INDEX:
+            return self.transform.placeholder()[0], PADDING_INDEX, ""
         try:
-            image = _read(self.paths[index], _IMAGE_MODES)
+            with Image.open(self.paths[index]) as img:
+                image = img.convert("RGB")
         except Exception as err:  # unreadable or truncated: reported, not fatal
-            return torch.zeros(3, self.imagesize, self.imagesize), index, f"{type(err).__name__}: {err}"
-        return _to_normalized_tensor(self.geometry(image)), index, ""
+            return self.transform.placeholder()[0], index, f"{type(err).__name__}: {err}"
+        return self.transform.image(image), index, ""

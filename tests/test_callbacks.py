@@ -1,0 +1,92 @@
+"""The writers: segmentation images show the pixels the backbone saw, TensorBoard's run summary and
+curves, and the hardest-case candidates kept while a category runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.util import tensor_util
+from torchvision import transforms
+
+from patchcore_lightning.callbacks import hardest_candidates
+from patchcore_lightning.cli import main
+from patchcore_lightning.data.mvtec import list_samples
+from patchcore_lightning.reporting import read_results
+
+from .conftest import FIXTURE
+
+
+@pytest.mark.parametrize("members", [1, 2, 3])
+@pytest.mark.parametrize("lowest", [False, True])
+def test_hardest_candidates_hold_the_top_k_of_any_normalisation(members, lowest):
+    g = torch.Generator().manual_seed(members)
+    scores = (torch.rand(40, members, generator=g) * 10).round()  # ties included
+    keep = hardest_candidates(scores, 4, lowest)
+    assert keep.sum() < 40  # something is dropped
+    for _ in range(200):  # any positive weights (1 / span of each member) and offsets
+        weights = torch.rand(members, generator=g) + 0.01
+        total = scores @ weights
+        k_th = total.sort(descending=not lowest).values[3]
+        inside = total >= k_th if not lowest else total <= k_th  # everything that can be among the first 4
+        strictly = total > k_th if not lowest else total < k_th
+        assert bool(keep[strictly].all())  # every image that must be shown is kept
+        assert int((keep & inside).sum()) >= 4  # and enough of the tied ones
+    dominated = ((scores[None] >= scores[:, None]).all(2) & (scores[None] > scores[:, None]).any(2)).sum(1)
+    assert torch.equal(keep, dominated < 4) if not lowest else True
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, resnet18_weights):
+    out = tmp_path_factory.mktemp("callbacks")
+    main([
+        "test",
+        "--data.root", str(FIXTURE / "data"),
+        "--data.categories", "[weave]",
+        "--data.num_workers", "0",
+        "--data.batch_size", "3",
+        "--model.model_paths", f"[{FIXTURE / 'model'}]",
+        "--model.backbone_weights", str(resnet18_weights),
+        "--model.save_segmentation_images", "true",
+        "--trainer.accelerator", "cpu",
+        "--results_dir", str(out),
+    ])
+    return out
+
+
+def test_segmentation_images_show_the_pixels_the_backbone_saw(run):
+    geometry = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
+    samples = list_samples(FIXTURE / "data", "weave")
+    for sample in samples:
+        strip = np.asarray(Image.open(run / "segmentation_images" / "mvtec_weave" / f"{sample.name}.png"))
+        assert strip.shape == (224 + 18, 3 * 224, 3)
+        seen = np.asarray(geometry(Image.open(sample.image).convert("RGB")))
+        np.testing.assert_array_equal(strip[18:, :224], seen)
+        truth = np.zeros((224, 224), np.uint8) if sample.mask is None else np.asarray(geometry(Image.open(sample.mask)))
+        np.testing.assert_array_equal(strip[18:, 224:448], np.repeat(truth[..., None], 3, axis=2))
+
+
+def test_tensorboard_holds_the_runs_summary_and_curves(run):
+    (version,) = (run / "lightning_logs").iterdir()
+    events = EventAccumulator(str(version), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    events.Reload()
+    tags = events.Tags()
+    rows = read_results(run / "results.csv")
+    hp = [e.value for e in events.Scalars("hp_metric")]
+    assert hp == [pytest.approx(rows["mean"]["instance_auroc"], rel=1e-6)]  # no -1 placeholder
+    for name, value in rows["mean"].items():
+        assert events.Scalars(f"test/mean/{name}")[-1].value == pytest.approx(value, rel=1e-6)
+        assert events.Scalars(f"test/mvtec_weave/{name}")[-1].value == pytest.approx(rows["mvtec_weave"][name], rel=1e-6)
+    assert {"mvtec_weave/hardest_cases", "mvtec_weave/roc"} <= set(tags["images"])
+    (pr,) = events.Tensors("mvtec_weave/pixel_pr")
+    curve = tensor_util.make_ndarray(pr.tensor_proto)  # (6, T): tp, fp, tn, fn, precision, recall
+    tp, fp, tn, fn = curve[:4]
+    assert curve.shape[1] == 201 and len(set(tp + fn)) == 1 and len(set(fp + tn)) == 1
+    geometry = transforms.Compose([transforms.Resize(256), transforms.CenterCrop(224)])
+    masks = [np.asarray(geometry(Image.open(s.mask))) for s in list_samples(FIXTURE / "data", "weave") if s.mask]
+    assert tp[0] == sum(int((m == 255).sum()) for m in masks)  # threshold 0: every anomalous pixel
+    assert fp[0] == 8 * 224 * 224 - tp[0] and (np.diff(tp) <= 0).all() and (np.diff(fp) <= 0).all()
+    hardest = events.Images("mvtec_weave/hardest_cases")[0]
+    assert hardest.height == 8 * (224 + 18)  # 4 normal and 4 anomalous images
