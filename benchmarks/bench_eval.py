@@ -30,39 +30,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# Runs a checkout's lightning_cli.py in this child process and reports its resource usage at exit.
-# A callback (added on the command line) notes when the first test batch starts.
-_WRAPPER = """
-import atexit, json, os, resource, runpy, sys, time
-out, script = sys.argv[1], sys.argv[2]
-start = time.perf_counter()
-def report():
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    first = float(os.environ.get("BENCH_FIRST_BATCH", "nan"))
-    with open(out, "w") as f:
-        json.dump({"startup_s": first - start, "evaluation_s": time.perf_counter() - first,
-                   "peak_rss_mib": me.ru_maxrss / 1024, "workers_peak_rss_mib": kids.ru_maxrss / 1024}, f)
-atexit.register(report)
-sys.argv = [script, *sys.argv[3:]]
-sys.path.insert(0, os.path.dirname(script))
-runpy.run_path(script, run_name="__main__")
-"""
-
-_TIMER = '''
-import os, time
-from lightning.pytorch.callbacks import Callback
-
-class FirstBatch(Callback):
-    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
-        os.environ.setdefault("BENCH_FIRST_BATCH", repr(time.perf_counter()))
-'''
-
+from cli_timing import run_cli  # noqa: E402  (this folder)
 
 def _cpu_busy_seconds() -> float:
     """CPU seconds all processes of the machine have spent (user + nice + system), from /proc/stat."""
@@ -95,22 +68,23 @@ def prepare(args) -> tuple[Path, Path, Path]:
     return root, model, weights
 
 
-def run_cli(tree: Path, argv: list[str], timer_dir: Path) -> dict:
-    """One ``lightning_cli.py test`` of ``tree`` in a child process: its figures and results.csv row."""
+def run_test(tree: Path, argv: list[str]) -> dict:
+    """One ``lightning_cli.py test`` of ``tree``: its figures, the CPU share others took, results.csv's row."""
     with tempfile.TemporaryDirectory() as tmp:
-        usage, results = Path(tmp) / "usage.json", Path(tmp) / "results"
-        env = {**os.environ, "PYTHONPATH": str(timer_dir)}
-        argv = [*argv, "--results_dir", str(results), "--trainer.callbacks+=bench_timer.FirstBatch"]
-        busy, start = _cpu_busy_seconds(), time.perf_counter()
-        proc = subprocess.run([sys.executable, "-c", _WRAPPER, str(usage), str(tree / "lightning_cli.py"), *argv],
-                              cwd=tree, capture_output=True, text=True, env=env)
-        wall = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise SystemExit(f"{tree}: lightning_cli.py test failed:\n{proc.stderr[-3000:]}")
+        results = Path(tmp) / "results"
+        busy, own = _cpu_busy_seconds(), os.times()
+        m = run_cli(tree, [*argv, "--results_dir", str(results)])
+        own_after = os.times()
+        own_cpu = (own_after.children_user + own_after.children_system) - (own.children_user + own.children_system)
         row = (results / "results.csv").read_text().splitlines()[1].split(",")
-        figures = json.loads(usage.read_text())
-    return {"wall_s": wall, "busy_s": _cpu_busy_seconds() - busy, **figures,
-            "metrics": [float(x) for x in row[1:]]}
+    return {
+        "wall_s": m["wall_s"],
+        "evaluation_s": m["end"] - m["marks"]["test_first_batch"],
+        "peak_rss_mib": m["peak_rss_mib"],
+        "workers_peak_rss_mib": m["workers_peak_rss_mib"],
+        "foreign_cpu_share": max(0.0, _cpu_busy_seconds() - busy - own_cpu) / (m["wall_s"] * (os.cpu_count() or 1)),
+        "metrics": [float(x) for x in row[1:]],
+    }
 
 
 def main() -> None:
@@ -127,22 +101,17 @@ def main() -> None:
             "--trainer.accelerator", "cpu", "--trainer.enable_progress_bar", "false"]
     settings = {"tensorboard": [], "logger off": ["--trainer.logger", "false"]}
     runs: dict[tuple[str, str], list[dict]] = {}
-    with tempfile.TemporaryDirectory() as timer_dir:
-        (Path(timer_dir) / "bench_timer.py").write_text(_TIMER)
-        for r in range(args.repeats):
-            for tree in args.trees:
-                for setting, extra in settings.items():
-                    before = os.times()
-                    m = run_cli(tree.resolve(), [*argv, *extra], Path(timer_dir))
-                    after = os.times()
-                    child_cpu = (after.children_user + after.children_system) - (before.children_user + before.children_system)
-                    m["foreign_cpu_share"] = max(0.0, m.pop("busy_s") - child_cpu) / (m["wall_s"] * (os.cpu_count() or 1))
-                    runs.setdefault((str(tree), setting), []).append(m)
-                    print(f"round {r + 1} {tree} [{setting}]: wall {m['wall_s']:.1f} s (evaluation {m['evaluation_s']:.1f} s), "
-                          f"peak RSS {m['peak_rss_mib']:.0f} MiB (workers {m['workers_peak_rss_mib']:.0f} MiB), "
-                          f"others used {100 * m['foreign_cpu_share']:.0f}% of the CPUs", flush=True)
-    metrics = {tuple(m["metrics"]) for ms in runs.values() for m in ms}
-    print(f"\n{len(metrics)} distinct results.csv row(s): " + "; ".join(", ".join(f"{v:.6f}" for v in m) for m in metrics))
+    for r in range(args.repeats):
+        for tree in args.trees:
+            for setting, extra in settings.items():
+                m = run_test(tree.resolve(), [*argv, *extra])
+                runs.setdefault((str(tree), setting), []).append(m)
+                print(f"round {r + 1} {tree} [{setting}]: wall {m['wall_s']:.1f} s (evaluation {m['evaluation_s']:.1f} s), "
+                      f"peak RSS {m['peak_rss_mib']:.0f} MiB (workers {m['workers_peak_rss_mib']:.0f} MiB), "
+                      f"others used {100 * m['foreign_cpu_share']:.0f}% of the CPUs", flush=True)
+    rows = [m["metrics"] for ms in runs.values() for m in ms]
+    spread = max(max(abs(a - b) for a, b in zip(row, rows[0])) for row in rows)
+    print("\nmetrics: " + ", ".join(f"{v:.6f}" for v in rows[0]) + f"; largest difference between runs {spread:.2g}")
     print(f"\n| checkout | logger | wall s | evaluation s | ms/img | peak RSS MiB | worker MiB |  (medians of {args.repeats})")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     for (tree, setting), ms in runs.items():

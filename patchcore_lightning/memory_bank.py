@@ -13,12 +13,11 @@ Two exact searches:
 
 ``knn_backend`` ``auto`` picks per device: faiss on the CPU; on a GPU faiss's GPU index when the
 installed faiss has GPU support, else the torch search on that GPU. ``faiss`` behind a GPU with a
-CPU-only faiss searches on the CPU (said once).
+CPU-only faiss searches on the CPU (``describe`` says so; the module logs it as a warning).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from typing import Literal
 
@@ -29,14 +28,10 @@ from torch import nn
 
 __all__ = ["DEFAULT_BLOCK_BYTES", "KnnBackend", "MemoryBank", "gpu_faiss_available", "search_kind", "torch_knn"]
 
-log = logging.getLogger(__name__)
-
 KnnBackend = Literal["auto", "faiss", "torch"]
 
 # Largest (queries x bank) float32 distance block of the torch search: 256 MiB.
 DEFAULT_BLOCK_BYTES = 1 << 28
-
-_warned_cpu_faiss = False
 
 
 def gpu_faiss_available() -> bool:
@@ -206,9 +201,7 @@ class MemoryBank(nn.Module):
         elif kind == "faiss-gpu":
             x = queries.to(self.vectors.device, torch.float32).contiguous()
             distances, _ = self._cached(kind)[1].search(x, k)
-        else:
-            if self.vectors.device.type != "cpu":
-                _warn_cpu_faiss_once(self.vectors.device)
+        else:  # the CPU index, also behind another device when asked for (``describe`` says so)
             x = queries.to("cpu", torch.float32).contiguous()
             distances, _ = self._cached(kind).search(x, k)
         return distances.to(queries.device)
@@ -217,13 +210,3 @@ class MemoryBank(nn.Module):
         """Mean squared L2 distance to the k nearest bank vectors. (N, D) → (N,)"""
         return self.search(queries, k).mean(dim=1)
 
-
-def _warn_cpu_faiss_once(device: torch.device) -> None:
-    global _warned_cpu_faiss
-    if not _warned_cpu_faiss:
-        log.warning(
-            "knn_backend faiss with a CPU-only faiss build: the memory banks are searched on the CPU, behind %s "
-            "(install faiss-gpu, or use knn_backend auto or torch)",
-            device,
-        )
-        _warned_cpu_faiss = True

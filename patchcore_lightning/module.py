@@ -177,8 +177,11 @@ class PatchCoreModule(L.LightningModule):
             )
 
     def _say_where_once(self) -> None:
+        """Which search runs where, once per run; a warning when it is a CPU search behind a GPU."""
         if not self._said_where and self.model is not None and self.model.banks is not None:
-            log.info("nearest-neighbour search: %s", self.model.banks[0].describe())
+            bank = self.model.banks[0]
+            behind = bank.kind == "faiss" and bank.vectors.device.type != "cpu"
+            (log.warning if behind else log.info)("nearest-neighbour search: %s", bank.describe())
             self._said_where = True
 
     # ------------------------------------------------------------------ fit
@@ -208,7 +211,7 @@ class PatchCoreModule(L.LightningModule):
         seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))  # seed_everything's
         banks = []
         for p, parts in zip(self.model.params, self._features):
-            features = _gather_rows(torch.cat(parts))  # (N*h*w, D), images in arrival order
+            features = _gather_rows(_concat_freeing(parts))  # (N*h*w, D), images in arrival order
             if not torch.equal(order, torch.arange(n_images, device=order.device)):
                 features = features.view(n_images, -1, features.shape[1])[order].flatten(0, 1)
             # a generator of its own per member and category: a category's bank does not depend on the others
@@ -242,7 +245,8 @@ class PatchCoreModule(L.LightningModule):
         self.result = self.evaluation.compute()
         self.evaluation.reset()
         name = self.trainer.datamodule.dataset_name
-        self.log_dict({f"test/{name}/{k}": self.result[k] for k in METRIC_NAMES}, rank_zero_only=True)
+        # every process holds the same numbers (computed from the gathered states): the mean is them
+        self.log_dict({f"test/{name}/{k}": self.result[k] for k in METRIC_NAMES}, sync_dist=True)
 
     # ------------------------------------------------------------------ predict
     def on_predict_epoch_start(self) -> None:
@@ -257,6 +261,18 @@ class PatchCoreModule(L.LightningModule):
             return {"rows": rows, "raw_scores": None, "raw_maps": None}
         raw_scores, raw_maps = self.model(images[rows])  # (b, M), (b, M, H, W)
         return {"rows": rows, "raw_scores": raw_scores, "raw_maps": raw_maps.mean(dim=1)}
+
+
+def _concat_freeing(parts: list[torch.Tensor]) -> torch.Tensor:
+    """``torch.cat(parts)``, emptying ``parts`` as it goes: at most one part is held twice, not all
+    of them (the training features of a category are the largest tensors of a fit)."""
+    out = parts[0].new_empty(sum(len(part) for part in parts), *parts[0].shape[1:])
+    start = 0
+    while parts:
+        part = parts.pop(0)
+        out[start : start + len(part)] = part
+        start += len(part)
+    return out
 
 
 def _gather_rows(x: torch.Tensor) -> torch.Tensor:

@@ -80,7 +80,7 @@ def test_datamodule_validates_and_generates_synthetic_data(tmp_path):
 
 def test_ddp_shards_are_whole_single_process_batches():
     class _Trainer:
-        world_size, global_rank = 3, 0
+        world_size, global_rank, num_devices = 3, 0, 3
         strategy = type("S", (), {"root_device": torch.device("cpu")})()
 
     dm = AnomalyDataModule(categories=["x"], batch_size=2, num_workers=0)

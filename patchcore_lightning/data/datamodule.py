@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import lightning as L
@@ -11,7 +12,34 @@ from .folder import ImageFolderDataset
 from .images import PADDING_INDEX, DataError, SampleDataset
 from .mvtec import list_samples
 
-__all__ = ["AnomalyDataModule", "ShardBatches", "shard_batches"]
+__all__ = ["AnomalyDataModule", "ShardBatches", "loader_settings", "shard_batches"]
+
+# Batch sizes when data.batch_size is null: small on a CPU, where a batch's working memory is RSS and
+# larger batches are no faster; enough on a GPU to keep it busy with one launch sequence per batch.
+CPU_BATCH_SIZE, GPU_BATCH_SIZE = 2, 32
+# DataLoader workers when data.num_workers is null: at most this many per process on a GPU (decoding
+# MVTec's 1024² PNGs is the slowest stage there), and on a CPU as many as cores up to 2, since the
+# backbone wants the cores too.
+GPU_MAX_WORKERS, CPU_MAX_WORKERS = 16, 2
+
+
+def _cores() -> int:
+    """CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def loader_settings(
+    batch_size: int | None, num_workers: int | None, accelerator: str, processes_per_node: int = 1
+) -> tuple[int, int]:
+    """The batch size and DataLoader workers to use: the given ones, or the defaults for the device
+    (``accelerator`` ``cpu`` or another), workers shared among the node's processes."""
+    on_cpu = accelerator == "cpu"
+    if batch_size is None:
+        batch_size = CPU_BATCH_SIZE if on_cpu else GPU_BATCH_SIZE
+    if num_workers is None:
+        per_process = max(1, _cores() // max(1, processes_per_node))
+        num_workers = min(per_process, CPU_MAX_WORKERS) if on_cpu else min(max(1, per_process - 1), GPU_MAX_WORKERS)
+    return batch_size, num_workers
 
 
 def shard_batches(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
@@ -51,8 +79,10 @@ class AnomalyDataModule(L.LightningDataModule):
         categories: categories to evaluate, in order, e.g. ``[bottle, cable]``.
         resize: shorter image side after resizing (bilinear), before the center crop.
         imagesize: side of the square center crop fed to the backbone.
-        batch_size: images per batch.
-        num_workers: data loading processes (0 loads in the main process).
+        batch_size: images per batch; null: 2 on a CPU, 32 on a GPU.
+        num_workers: data loading processes (0 loads in the main process); null: on a GPU the cores
+            of each process (the node's cores shared among its processes) less one, at most 16; on
+            a CPU 2 (the backbone needs the cores too).
         synthetic: generate the demo's synthetic categories under ``root`` where they are missing
             (``patchcore_lightning.data.synthetic``; categories weave, grain, tiles).
         predict_dir: for ``predict``: a folder of images (any layout, searched recursively).
@@ -64,8 +94,8 @@ class AnomalyDataModule(L.LightningDataModule):
         categories: list[str] = ["bottle"],  # noqa: B006  (read-only; LightningCLI needs a literal default)
         resize: int = 256,
         imagesize: int = 224,
-        batch_size: int = 2,
-        num_workers: int = 4,
+        batch_size: int | None = None,
+        num_workers: int | None = None,
         synthetic: bool = False,
         predict_dir: str | None = None,
     ) -> None:
@@ -76,7 +106,7 @@ class AnomalyDataModule(L.LightningDataModule):
             raise ValueError(f"data.categories lists a category twice: {categories}")
         if imagesize < 1 or resize < imagesize:
             raise ValueError(f"need 1 <= imagesize <= resize, got resize={resize}, imagesize={imagesize}")
-        if batch_size < 1 or num_workers < 0:
+        if (batch_size is not None and batch_size < 1) or (num_workers is not None and num_workers < 0):
             raise ValueError(f"need batch_size >= 1 and num_workers >= 0, got {batch_size}, {num_workers}")
         self.save_hyperparameters(logger=False)
         self.categories = list(categories)
@@ -126,13 +156,17 @@ class AnomalyDataModule(L.LightningDataModule):
 
     def _loader(self, dataset: Dataset) -> DataLoader:
         trainer = self.trainer
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        on_gpu = trainer is not None and trainer.strategy.root_device.type == "cuda"
+        if trainer is None:
+            rank, world, device, local = 0, 1, "cpu", 1
+        else:
+            rank, world = trainer.global_rank, trainer.world_size
+            device, local = trainer.strategy.root_device.type, trainer.num_devices
+        batch_size, num_workers = loader_settings(self.hparams.batch_size, self.hparams.num_workers, device, local)
         return DataLoader(
             dataset,
-            batch_sampler=ShardBatches(len(dataset), self.hparams.batch_size, rank, world),
-            num_workers=self.hparams.num_workers,
-            pin_memory=on_gpu,
+            batch_sampler=ShardBatches(len(dataset), batch_size, rank, world),
+            num_workers=num_workers,
+            pin_memory=device == "cuda",  # page-locked batches: Lightning's copies to the GPU are then asynchronous
         )
 
     def train_dataloader(self) -> DataLoader:
