@@ -15,6 +15,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from PIL import Image
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -239,26 +240,34 @@ class PredictionWriter(BasePredictionWriter):
         for k, i in enumerate(prediction["rows"]):
             path = dataset.relative(int(indices[i]))
             raw_map = prediction["raw_maps"][k]  # (H, W)
-            self.rows.append({"path": path, "scores": prediction["raw_scores"][k].tolist()})
+            row = {"path": path, "score": float(prediction["score"][k]), "scores": prediction["raw_scores"][k].tolist()}
+            if prediction["anomalous_pixels"] is not None:
+                row["anomalous_pixels"] = int(prediction["anomalous_pixels"][k])
+            self.rows.append(row)
             self._heatmap(pl_module, path, shown[k], raw_map)
 
     def _heatmap(self, pl_module, path: str, image: np.ndarray, raw_map: torch.Tensor) -> None:
         """``heatmaps/<path>.png``: the image | the raw map over it, on the fixed scale [0, heatmap_max]."""
         h = pl_module.hparams
-        top = h.heatmap_max or h.image_threshold or float(raw_map.max()) or 1.0
+        top = h.heatmap_max or pl_module.image_threshold or float(raw_map.max()) or 1.0
         target = self.results_dir / "heatmaps" / f"{path}.png"
         target.parent.mkdir(parents=True, exist_ok=True)
         caption = f"{path}  max {float(raw_map.max()):.4g}  scale 0..{top:.4g}"
         compose([image, blend(image, (raw_map / top).clamp(0, 1))], caption).save(target)
         if h.save_raw_maps:
             np.save(target.with_suffix(".npy"), raw_map.cpu().numpy())
+        if pl_module.pixel_threshold is not None:  # the binary mask: 255 where the raw map is at or above it
+            mask = ((raw_map >= pl_module.pixel_threshold).to(torch.uint8) * 255).cpu().numpy()
+            Image.fromarray(mask).save(target.with_name(f"{Path(path).name}_mask.png"))
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
         rows = sorted((row for part in _gather_objects(self.rows) for row in part), key=lambda r: r["path"])
         self.rows = []
         if not trainer.is_global_zero:
             return
-        scored = write_predictions(self.results_dir, rows, pl_module.hparams.image_threshold, len(pl_module.model))
+        scored = write_predictions(
+            self.results_dir, rows, pl_module.image_threshold, pl_module.pixel_threshold, len(pl_module.model)
+        )
         log.info("scored %d images -> %s, heatmaps in %s", scored, self.results_dir / "predictions.csv",
                  self.results_dir / "heatmaps")
         if len(rows) > scored:

@@ -26,7 +26,7 @@ from .backbones import WeightsError
 from .callbacks import CategoryProgressBar, ModelFolderWriter, PredictionWriter, SegmentationImages, TensorBoardReport
 from .data.datamodule import AnomalyDataModule
 from .data.images import DataError
-from .metrics import METRIC_NAMES
+from .metrics import METRIC_NAMES, THRESHOLD_NAMES
 from .model_io import SIDECAR_FILE, ModelFormatError
 from .module import PatchCoreModule, frozen_model_strategy
 from .reporting import category_fingerprint, mean_row, read_run_state, write_run_state
@@ -135,7 +135,7 @@ class PatchCoreCLI(LightningCLI):
         verbose: bool = True,
         weights_only: bool | None = None,
     ) -> dict[str, dict[str, float]]:
-        """Evaluate every category of ``data.categories`` with its model; results.csv after each."""
+        """Evaluate every category of ``data.categories`` with its model; results.csv and thresholds.csv after each."""
         _refuse_checkpoint(ckpt_path)
         results_dir = self.results_dir
         _check_writable(results_dir)
@@ -152,6 +152,7 @@ class PatchCoreCLI(LightningCLI):
             name = datamodule.dataset_name
             settings = {
                 "dataset": name,
+                "data.benchmark": datamodule.hparams.benchmark,
                 "data.root": str(Path(datamodule.hparams.root).resolve()),
                 "data.resize": datamodule.hparams.resize,
                 "data.imagesize": datamodule.hparams.imagesize,
@@ -174,7 +175,7 @@ class PatchCoreCLI(LightningCLI):
             if self.trainer.is_global_zero:
                 log.info("Evaluating dataset [%s] (%d/%d)...", name, i + 1, len(folders))
             self.trainer.test(model, datamodule=datamodule, verbose=False)
-            rows[name] = {k: model.result[k] for k in METRIC_NAMES}
+            rows[name] = {k: model.result[k] for k in METRIC_NAMES + THRESHOLD_NAMES}
             if self.trainer.is_global_zero:
                 for k in METRIC_NAMES:
                     log.info("%s: %.3f", k, rows[name][k])
@@ -183,7 +184,7 @@ class PatchCoreCLI(LightningCLI):
             self._log_run(model, datamodule, rows)
             if verbose:
                 _print_table(rows)
-                print(f"results written to {results_dir / 'results.csv'}")
+                print(f"results written to {results_dir / 'results.csv'}, F1-max thresholds to {results_dir / 'thresholds.csv'}")
                 random = sorted(name for name, digest in model.backbone_cache.sha256.items() if digest is None)
                 if random:
                     print(f"WARNING: {', '.join(random)} ran with RANDOM weights: these are not ImageNet PatchCore numbers")
@@ -224,6 +225,7 @@ class PatchCoreCLI(LightningCLI):
         means = mean_row(rows)
         h, d = model.hparams, datamodule.hparams
         hparams = {
+            "data.benchmark": d.benchmark,
             "data.root": str(d.root),
             "data.categories": ",".join(datamodule.categories),
             "data.resize": d.resize,

@@ -1,9 +1,12 @@
-"""The five numbers of results.csv: pure functions, and the torchmetrics ``Metric`` that holds one category.
+"""The five numbers of results.csv and the F1-max thresholds of thresholds.csv: pure functions, and
+the torchmetrics ``Metric`` that holds one category.
 
 The original min-max normalises every member over the whole test set (image scores over images,
 maps over all pixels of all images) and averages the members (``ensemble``); only then are the
-metrics computed (``evaluate``). So ``PatchCoreEvaluation`` keeps each member's raw scores and
-maps until the category ends; under DDP torchmetrics gathers them from every process.
+metrics computed (``evaluate``). The thresholds are on the raw outputs instead (the mean of the
+members' raw image scores and maps, what ``predict`` reports), so that they apply to new images
+(``thresholds``). ``PatchCoreEvaluation`` keeps each member's raw scores and maps until the
+category ends; under DDP torchmetrics gathers them from every process.
 """
 
 from __future__ import annotations
@@ -23,17 +26,21 @@ from .ranking import RankedPositives, auroc_from_counts, count_below_runs, order
 __all__ = [
     "METRIC_NAMES",
     "PRO_FPR_LIMIT",
+    "THRESHOLD_NAMES",
     "PatchCoreEvaluation",
     "curve_counts",
     "ensemble",
     "evaluate",
+    "f1_max",
     "image_auroc",
     "pixel_metrics",
+    "thresholds",
 ]
 
 log = logging.getLogger(__name__)
 
 METRIC_NAMES = ("instance_auroc", "full_pixel_auroc", "full_pro", "anomaly_pixel_auroc", "anomaly_pro")
+THRESHOLD_NAMES = ("image_threshold", "image_f1", "pixel_threshold", "pixel_f1")
 PRO_FPR_LIMIT = 0.3  # the original's and MVTec AD's integration limit
 _IMAGES_PER_PASS = 4  # images normalised, reordered or counted at a time
 
@@ -121,12 +128,60 @@ def pixel_metrics(maps: torch.Tensor, masks: torch.Tensor) -> dict[str, float]:
     return {name: result[name] for name in METRIC_NAMES[1:]}
 
 
+def _pixel_truth(masks: torch.Tensor, labels: torch.Tensor, warn: bool = True) -> bool:
+    """False when the category has anomalous images but no mask marks any of their pixels: a data
+    set without pixel ground truth, whose pixel metrics are undefined."""
+    anomalous = labels == 1
+    if bool(anomalous.any()) and not bool(masks[anomalous].any()):
+        if warn:
+            log.warning("no anomalous test image has a ground-truth mask: the pixel metrics and threshold are NaN")
+        return False
+    return True
+
+
 def evaluate(scores: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     """The five numbers of results.csv from a category's normalised outputs.
 
     scores (N,) and maps (N, H, W) in [0, 1] (``ensemble``), masks (N, H, W) uint8 0..255, labels (N,).
+    Without pixel ground truth (no mask on any anomalous image) the pixel metrics are NaN.
     """
-    return {"instance_auroc": image_auroc(scores, labels), **pixel_metrics(maps, masks)}
+    pixels = pixel_metrics(maps, masks) if _pixel_truth(masks, labels) else dict.fromkeys(METRIC_NAMES[1:], math.nan)
+    return {"instance_auroc": image_auroc(scores, labels), **pixels}
+
+
+def f1_max(scores: torch.Tensor, targets: torch.Tensor) -> tuple[float, float]:
+    """The threshold t that maximises the F1 score of predicting ``score >= t``, and that F1.
+
+    scores (any shape, real), targets (the same shape, bool). Exact over every distinct score: F1
+    changes only where t passes a positive's score, and is highest at one, so the positives' scores
+    are the candidates, each with its counts from one sort (``ranking``). Of equal F1s, the highest
+    threshold. (nan, nan) without positives.
+    """
+    scores, positive = scores.reshape(-1), targets.reshape(-1).bool()  # (n,), (n,)
+    ranked = RankedPositives.of(order_keys(scores[positive]))  # (P,) ascending
+    P, Q = ranked.keys.numel(), scores.numel() - ranked.keys.numel()
+    if P == 0:
+        return math.nan, math.nan
+    neg_less, _ = ranked.negatives_below(scores.split(run_length(scores.device, P)))  # (P,)
+    tp = (P - ranked.less).double()  # positives at or above each candidate
+    fp = (Q - neg_less).double()  # negatives at or above it
+    f1 = 2 * tp / (tp + fp + P)  # 2 TP / (2 TP + FP + FN)
+    best = P - 1 - int(f1.flip(0).argmax())  # the last maximum: the highest threshold
+    threshold = scores[positive][ranked.order[best]]
+    return float(threshold), float(f1[best])
+
+
+def thresholds(raw_scores: torch.Tensor, raw_maps: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> dict:
+    """F1-max thresholds on the raw outputs: the image score (N,) and segmentation (N, H, W), each the
+    mean over the members, against labels (N,) and the pixels where masks (N, H, W) are 255.
+
+    → ``image_threshold``, ``image_f1``, ``pixel_threshold``, ``pixel_f1`` (NaN without pixel ground truth).
+    """
+    image_threshold, image_f1 = f1_max(raw_scores, labels == 1)
+    truth = _pixel_truth(masks, labels, warn=False)  # ``evaluate`` says so
+    pixel_threshold, pixel_f1 = f1_max(raw_maps, masks == 255) if truth else (math.nan, math.nan)
+    return {"image_threshold": image_threshold, "image_f1": image_f1,
+            "pixel_threshold": pixel_threshold, "pixel_f1": pixel_f1}
 
 
 def _normalised_mean(maps: torch.Tensor, lo: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
@@ -207,9 +262,9 @@ def curve_counts(
 class PatchCoreEvaluation(Metric):
     """One category's raw member outputs, kept until it ends; ``compute`` normalises and scores them.
 
-    ``compute()`` → dict: the five metrics (floats) and, ordered by dataset index (so any sharding
-    gives the same result), ``indices`` (N,), ``labels`` (N,), ``raw_scores`` (N, M), the
-    normalised ``scores`` (N,) and ``maps`` (N, H, W), ``masks`` (N, H, W) uint8.
+    ``compute()`` → dict: the five metrics and the four threshold figures (floats) and, ordered by
+    dataset index (so any sharding gives the same result), ``indices`` (N,), ``labels`` (N,),
+    ``raw_scores`` (N, M), the normalised ``scores`` (N,) and ``maps`` (N, H, W), ``masks`` (N, H, W) uint8.
     """
 
     full_state_update = False
@@ -249,8 +304,12 @@ class PatchCoreEvaluation(Metric):
         labels = torch.cat(parts(self.labels))[order]
         scores, maps = ensemble(raw_scores, parts(self.raw_maps), order)
         masks = _reordered(parts(self.masks), order, lambda chunk: chunk, maps.shape[1:], torch.uint8)
+        # the thresholds do not depend on the order: the raw outputs as they arrived
+        raw_mean_maps = torch.cat([part.mean(dim=1) for part in parts(self.raw_maps)])  # (N, H, W)
+        arrived = (torch.cat(parts(self.masks)), torch.cat(parts(self.labels)))  # (N, H, W), (N,)
         return {
             **evaluate(scores, maps, masks, labels),
+            **thresholds(raw_scores.mean(dim=1), raw_mean_maps, *arrived),
             "indices": indices,
             "labels": labels,
             "raw_scores": raw_scores[order],

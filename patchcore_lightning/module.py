@@ -12,6 +12,7 @@ Files are written by the callbacks (``callbacks.py``), never here.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 
@@ -24,9 +25,10 @@ from .backbones import BackboneWeights
 from .coreset import SamplerName, subsample
 from .data.images import PADDING_INDEX
 from .memory_bank import KnnBackend, MemoryBank
-from .metrics import METRIC_NAMES, PatchCoreEvaluation
+from .metrics import METRIC_NAMES, THRESHOLD_NAMES, PatchCoreEvaluation
 from .model import Backbones, PatchCore
 from .model_io import PatchCoreParams
+from .reporting import read_thresholds
 
 __all__ = ["FrozenModelDDPStrategy", "PatchCoreModule", "frozen_model_strategy"]
 
@@ -60,6 +62,10 @@ class PatchCoreModule(L.LightningModule):
             docs/computation.md). Models made by the original (and by ``fit``) need it for their numbers.
         image_threshold: for ``predict``: raw image score from which an image counts as anomalous
             (adds the ``is_anomalous`` column to predictions.csv).
+        pixel_threshold: for ``predict``: raw segmentation value from which a pixel counts as
+            anomalous (adds ``heatmaps/<path>_mask.png`` and the ``anomalous_pixels`` column).
+        thresholds_csv: for ``predict``: a thresholds.csv written by ``test``, whose row for the
+            model (the model folder's name, else the data's first category) gives both thresholds.
         heatmap_max: for ``predict``: the raw segmentation value drawn at the top of the heatmaps'
             colour scale (0 at the bottom), the same for every image; defaults to image_threshold,
             and to each image's own maximum when neither is given.
@@ -86,6 +92,8 @@ class PatchCoreModule(L.LightningModule):
         allow_tf32: bool = False,
         original_bn_warmup: bool = True,
         image_threshold: float | None = None,
+        pixel_threshold: float | None = None,
+        thresholds_csv: str | None = None,
         heatmap_max: float | None = None,
         save_raw_maps: bool = False,
         backbones: list[str] = ["wideresnet50"],  # noqa: B006  (read-only; the CLI needs a literal)
@@ -105,6 +113,8 @@ class PatchCoreModule(L.LightningModule):
             )
         if heatmap_max is not None and heatmap_max <= 0:
             raise ValueError(f"model.heatmap_max must be > 0, got {heatmap_max}")
+        if thresholds_csv is not None and (image_threshold is not None or pixel_threshold is not None):
+            raise ValueError("give model.thresholds_csv or model.image_threshold / model.pixel_threshold, not both")
         if not backbones:
             raise ValueError("model.backbones is empty: name at least one backbone")
         if isinstance(layers, dict):
@@ -124,6 +134,7 @@ class PatchCoreModule(L.LightningModule):
         self.evaluation = PatchCoreEvaluation()
         self.result: dict | None = None  # the last category's metrics and normalised outputs
         self.n_train_images = 0  # images the banks of ``model`` were fit on
+        self.image_threshold, self.pixel_threshold = image_threshold, pixel_threshold  # predict's, resolved in setup
         self._features: list[list[torch.Tensor]] = []
         self._indices: list[torch.Tensor] = []
         self._said_where = False
@@ -168,6 +179,8 @@ class PatchCoreModule(L.LightningModule):
             if len(paths) != 1:
                 raise ValueError(f"predict scores with one model folder; model.model_paths has {len(paths)}")
             self.model_path = paths[0]
+        if stage == "predict" and self.hparams.thresholds_csv:
+            self.image_threshold, self.pixel_threshold = self._thresholds_from_csv()
         if self.model is None:
             if self.model_path is None:
                 raise ValueError("model.model_paths is empty: give the model folder(s) to evaluate")
@@ -175,6 +188,21 @@ class PatchCoreModule(L.LightningModule):
             self.model = PatchCore.from_folder(
                 self.model_path, imagesize, self.backbone_cache, h.knn_backend, h.allow_other_weights
             )
+
+    def _thresholds_from_csv(self) -> tuple[float | None, float | None]:
+        """The image and pixel thresholds of the model's row of ``thresholds_csv`` (None where NaN)."""
+        path = self.hparams.thresholds_csv
+        try:
+            rows = read_thresholds(path)
+        except OSError as err:
+            raise FileNotFoundError(f"model.thresholds_csv {path} cannot be read: {err.strerror or err}") from None
+        names = [os.path.basename(os.path.normpath(self.model_path)), self.trainer.datamodule.dataset_name]
+        name = next((n for n in names if n in rows), None)
+        if name is None:
+            raise ValueError(f"{path} has no row for this model ({' or '.join(dict.fromkeys(names))}); it has {sorted(rows)}")
+        row = rows[name]
+        log.info("thresholds of %s from %s: image %.6g, pixel %.6g", name, path, row["image_threshold"], row["pixel_threshold"])
+        return tuple(None if math.isnan(row[k]) else row[k] for k in ("image_threshold", "pixel_threshold"))
 
     def _say_where_once(self) -> None:
         """Which search runs where, once per run; a warning when it is a CPU search behind a GPU."""
@@ -246,21 +274,27 @@ class PatchCoreModule(L.LightningModule):
         self.evaluation.reset()
         name = self.trainer.datamodule.dataset_name
         # every process holds the same numbers (computed from the gathered states): the mean is them
-        self.log_dict({f"test/{name}/{k}": self.result[k] for k in METRIC_NAMES}, sync_dist=True)
+        self.log_dict({f"test/{name}/{k}": self.result[k] for k in METRIC_NAMES + THRESHOLD_NAMES}, sync_dist=True)
 
     # ------------------------------------------------------------------ predict
     def on_predict_epoch_start(self) -> None:
         self._say_where_once()
 
     def predict_step(self, batch: tuple, batch_idx: int) -> dict:
-        """Raw scores (b, M) and mean raw segmentation (b, H, W) of the batch's readable images;
-        ``rows`` are their positions in the batch."""
+        """The batch's readable images (``rows``, their positions in the batch): raw scores (b, M), their
+        mean ``score`` (b,), the mean raw segmentation (b, H, W) and, with a pixel threshold, the
+        number of pixels at or above it (b,)."""
         images, indices, errors = batch
         rows = [i for i, (index, error) in enumerate(zip(indices.tolist(), errors)) if not error and index >= 0]
+        out = {"rows": rows, "raw_scores": None, "score": None, "raw_maps": None, "anomalous_pixels": None}
         if not rows:
-            return {"rows": rows, "raw_scores": None, "raw_maps": None}
+            return out
         raw_scores, raw_maps = self.model(images[rows])  # (b, M), (b, M, H, W)
-        return {"rows": rows, "raw_scores": raw_scores, "raw_maps": raw_maps.mean(dim=1)}
+        mean_maps = raw_maps.mean(dim=1)  # (b, H, W): what test's pixel threshold is computed on
+        out.update(raw_scores=raw_scores, score=raw_scores.mean(dim=1), raw_maps=mean_maps)
+        if self.pixel_threshold is not None:
+            out["anomalous_pixels"] = (mean_maps >= self.pixel_threshold).flatten(1).sum(dim=1)
+        return out
 
 
 def _concat_freeing(parts: list[torch.Tensor]) -> torch.Tensor:

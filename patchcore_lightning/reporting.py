@@ -1,6 +1,6 @@
-"""What a run leaves behind: results.csv and its resume state, predictions.csv, and the pictures
-(heatmaps over images, overlay strips, ROC curves) the callbacks write. Files are written
-atomically (a temporary file, then a rename): a reader never sees half a table."""
+"""What a run leaves behind: results.csv, thresholds.csv and their resume state, predictions.csv,
+and the pictures (heatmaps over images, overlay strips, ROC curves) the callbacks write. Files are
+written atomically (a temporary file, then a rename): a reader never sees half a table."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from .metrics import METRIC_NAMES
+from .metrics import METRIC_NAMES, THRESHOLD_NAMES
 
 __all__ = [
     "RESULTS_COLUMNS",
@@ -29,11 +29,13 @@ __all__ = [
     "overlay_strip",
     "read_results",
     "read_run_state",
+    "read_thresholds",
     "review_grid",
     "roc_image",
     "write_predictions",
     "write_results",
     "write_run_state",
+    "write_thresholds",
 ]
 
 RUN_STATE_FILE = "results_config.json"
@@ -60,26 +62,46 @@ def mean_row(rows: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
     return {c: float(np.mean([float(m[c]) for m in rows.values()])) for c in RESULTS_COLUMNS}
 
 
-def write_results(path: str | os.PathLike, rows: Mapping[str, Mapping[str, float]]) -> None:
-    """results.csv: a row per dataset in order, then their ``mean``; floats at full precision.
-
-    Written to a temporary file and renamed, so a reader never sees a half-written table.
-    """
-    lines = [["dataset_name", *RESULTS_COLUMNS]]
-    for name, metrics in rows.items():
-        lines.append([name, *(repr(float(metrics[c])) for c in RESULTS_COLUMNS)])
-    if rows:
+def _write_table(path: Path, columns: Sequence[str], rows: Mapping[str, Mapping[str, float]], mean: bool) -> None:
+    """A csv table: ``dataset_name`` and ``columns``, a row per dataset in order (then their mean),
+    floats at full precision; written to a temporary file and renamed."""
+    lines = [["dataset_name", *columns]]
+    for name, values in rows.items():
+        lines.append([name, *(repr(float(values[c])) for c in columns)])
+    if rows and mean:
         means = mean_row(rows)
-        lines.append(["mean", *(repr(means[c]) for c in RESULTS_COLUMNS)])
+        lines.append(["mean", *(repr(means[c]) for c in columns)])
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(lines)
-    _atomic_write_text(Path(path), buffer.getvalue())
+    _atomic_write_text(path, buffer.getvalue())
+
+
+def _read_table(path: str | os.PathLike, columns: Sequence[str]) -> dict[str, dict[str, float]]:
+    with open(path, newline="") as handle:
+        return {row["dataset_name"]: {c: float(row[c]) for c in columns} for row in csv.DictReader(handle)}
+
+
+def write_results(path: str | os.PathLike, rows: Mapping[str, Mapping[str, float]]) -> None:
+    """results.csv: a row per dataset in order, then their ``mean``."""
+    _write_table(Path(path), RESULTS_COLUMNS, rows, mean=True)
 
 
 def read_results(path: str | os.PathLike) -> dict[str, dict[str, float]]:
     """results.csv back as {dataset_name: {metric: value}} (the mean row included)."""
-    with open(path, newline="") as handle:
-        return {row["dataset_name"]: {c: float(row[c]) for c in RESULTS_COLUMNS} for row in csv.DictReader(handle)}
+    return _read_table(path, RESULTS_COLUMNS)
+
+
+def write_thresholds(path: str | os.PathLike, rows: Mapping[str, Mapping[str, float]]) -> None:
+    """thresholds.csv: ``dataset_name,image_threshold,image_f1,pixel_threshold,pixel_f1``, a row per dataset."""
+    _write_table(Path(path), THRESHOLD_NAMES, rows, mean=False)
+
+
+def read_thresholds(path: str | os.PathLike) -> dict[str, dict[str, float]]:
+    """thresholds.csv back as {dataset_name: {column: value}}."""
+    try:
+        return _read_table(path, THRESHOLD_NAMES)
+    except KeyError as err:
+        raise ValueError(f"{path}: no column {err.args[0]!r} (expected {','.join(THRESHOLD_NAMES)})") from None
 
 
 def category_fingerprint(settings: Mapping[str, object], model_folder: str | os.PathLike) -> str:
@@ -97,14 +119,16 @@ def category_fingerprint(settings: Mapping[str, object], model_folder: str | os.
 
 
 def write_run_state(results_dir: str | os.PathLike, rows: Mapping[str, Mapping[str, float]], fingerprints: Mapping[str, str]) -> None:
-    """results.csv and, first, results_config.json (the fingerprint of every row), both atomically.
+    """results.csv, thresholds.csv and, first, results_config.json (the fingerprint of every row),
+    each atomically. ``rows`` hold the metrics and the thresholds of every dataset.
 
-    The JSON is written first: an interruption between the two leaves a fingerprint without a
-    row (that category is computed again), never a row without its fingerprint.
+    The JSON is written first and results.csv last: an interruption leaves a fingerprint without a
+    row (that category is computed again), never a row without its fingerprint or thresholds.
     """
     results_dir = Path(results_dir)
     state = {"fingerprints": {name: fingerprints[name] for name in rows}}
     _atomic_write_text(results_dir / RUN_STATE_FILE, json.dumps(state, indent=2) + "\n")
+    write_thresholds(results_dir / "thresholds.csv", rows)
     write_results(results_dir / "results.csv", rows)
 
 
@@ -117,37 +141,49 @@ def read_run_state(results_dir: str | os.PathLike) -> dict[str, tuple[dict[str, 
     rows.pop("mean", None)
     try:
         fingerprints = json.loads((results_dir / RUN_STATE_FILE).read_text())["fingerprints"]
+        thresholds = read_thresholds(results_dir / "thresholds.csv")
     except (OSError, ValueError, KeyError):
         raise ValueError(
-            f"cannot resume: {results_dir / 'results.csv'} has no readable {RUN_STATE_FILE} saying how it was computed; "
-            f"rerun without --resume true, or use another results_dir"
+            f"cannot resume: {results_dir / 'results.csv'} has no readable {RUN_STATE_FILE} and thresholds.csv "
+            f"saying how it was computed; rerun without --resume true, or use another results_dir"
         ) from None
-    missing = [name for name in rows if name not in fingerprints]
+    missing = [name for name in rows if name not in fingerprints or name not in thresholds]
     if missing:
-        raise ValueError(f"cannot resume: {RUN_STATE_FILE} lacks {missing}; rerun without --resume true")
-    return {name: (row, fingerprints[name]) for name, row in rows.items()}
+        raise ValueError(f"cannot resume: {RUN_STATE_FILE} or thresholds.csv lacks {missing}; rerun without --resume true")
+    return {name: ({**row, **thresholds[name]}, fingerprints[name]) for name, row in rows.items()}
 
 
 def write_predictions(
-    results_dir: str | os.PathLike, rows: Sequence[Mapping], threshold: float | None, n_members: int
+    results_dir: str | os.PathLike,
+    rows: Sequence[Mapping],
+    image_threshold: float | None,
+    pixel_threshold: float | None,
+    n_members: int,
 ) -> int:
-    """predictions.csv (path, raw score[, per-member scores][, is_anomalous]) and skipped.csv (path,
-    reason), both atomically; returns the number of scored images."""
+    """predictions.csv (path, raw score[, per-member scores][, is_anomalous][, anomalous_pixels]) and
+    skipped.csv (path, reason), both atomically; returns the number of scored images.
+
+    A scored row holds ``score`` (the mean of the members' raw scores), ``scores`` (each member's)
+    and, with a pixel threshold, ``anomalous_pixels``; a skipped one ``error``.
+    """
     results_dir = Path(results_dir)
-    scored = [r for r in rows if "scores" in r]
+    scored = [r for r in rows if "error" not in r]
     header = ["path", "score"]
     if n_members > 1:
         header += [f"score_member{i}" for i in range(1, n_members + 1)]
-    if threshold is not None:
+    if image_threshold is not None:
         header.append("is_anomalous")
+    if pixel_threshold is not None:
+        header.append("anomalous_pixels")
     lines = [header]
     for row in scored:
-        score = float(np.mean(row["scores"]))
-        line = [row["path"], repr(score)]
+        line = [row["path"], repr(float(row["score"]))]
         if n_members > 1:
             line += [repr(float(v)) for v in row["scores"]]
-        if threshold is not None:
-            line.append(int(score >= threshold))
+        if image_threshold is not None:
+            line.append(int(row["score"] >= image_threshold))
+        if pixel_threshold is not None:
+            line.append(int(row["anomalous_pixels"]))
         lines.append(line)
     buffer = io.StringIO()
     csv.writer(buffer, lineterminator="\n").writerows(lines)

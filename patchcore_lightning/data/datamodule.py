@@ -1,18 +1,37 @@
-"""The DataModule: one category at a time of an MVTec-format data set, and a folder for ``predict``."""
+"""The DataModule: one category at a time of a benchmark's data set, and a folder for ``predict``."""
 
 from __future__ import annotations
 
 import os
 import warnings
+from typing import Literal
 
 import lightning as L
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from . import mvtec, visa
 from .folder import ImageFolderDataset
-from .images import PADDING_INDEX, DataError, SampleDataset
-from .mvtec import list_samples
+from .images import PADDING_INDEX, DataError, Sample, SampleDataset
 
-__all__ = ["AnomalyDataModule", "ShardBatches", "loader_settings", "shard_batches"]
+__all__ = ["BENCHMARKS", "AnomalyDataModule", "Benchmark", "ShardBatches", "list_split", "loader_settings", "shard_batches"]
+
+Benchmark = Literal["mvtec_ad", "mvtec_ad2", "visa", "mpdd", "btad", "folder"]
+# benchmark → the prefix of its rows in results.csv (and of its segmentation images, TensorBoard tags,
+# model folders): mvtec_bottle, visa_candle, ...
+BENCHMARKS: dict[str, str] = {
+    "mvtec_ad": "mvtec", "mvtec_ad2": "mvtec_ad2", "visa": "visa", "mpdd": "mpdd", "btad": "btad", "folder": "folder",
+}
+_LAYOUTS = {"mvtec_ad": mvtec.MVTEC_AD, "mvtec_ad2": mvtec.MVTEC_AD2, "mpdd": mvtec.MPDD, "btad": mvtec.BTAD,
+            "folder": mvtec.FOLDER}
+
+
+def list_split(benchmark: str, root: str, category: str, split: str) -> list[Sample]:
+    """A category's ``train`` or ``test`` samples, read in the benchmark's own layout."""
+    if benchmark not in BENCHMARKS:
+        raise DataError(f"unknown benchmark {benchmark!r}; known: {', '.join(BENCHMARKS)}")
+    if benchmark == "visa":
+        return visa.list_samples(root, category, split)
+    return mvtec.list_samples(root, category, split, _LAYOUTS[benchmark])
 
 # Batch sizes when data.batch_size is null: small on a CPU, where a batch's working memory is RSS and
 # larger batches are no faster; enough on a GPU to keep it busy with one launch sequence per batch.
@@ -72,11 +91,14 @@ class ShardBatches(Sampler[list[int]]):
 
 
 class AnomalyDataModule(L.LightningDataModule):
-    """The categories of an MVTec-format data set, served one at a time (``select`` picks it).
+    """The categories of a benchmark's data set, served one at a time (``select`` picks it).
 
     Args:
-        root: folder holding one subfolder per category (the MVTec AD root).
+        root: the data set's folder as distributed (for MVTec AD the folder holding ``bottle/``, ...).
         categories: categories to evaluate, in order, e.g. ``[bottle, cable]``.
+        benchmark: the layout of ``root``: ``mvtec_ad``, ``mvtec_ad2``, ``visa``, ``mpdd``, ``btad``, or
+            ``folder`` (your own images in MVTec AD's layout, ``ground_truth/`` optional); it also
+            names the rows of results.csv (``mvtec_<category>``, ``visa_<category>``, ...).
         resize: shorter image side after resizing (bilinear), before the center crop.
         imagesize: side of the square center crop fed to the backbone.
         batch_size: images per batch; null: 2 on a CPU, 32 on a GPU.
@@ -92,6 +114,7 @@ class AnomalyDataModule(L.LightningDataModule):
         self,
         root: str = "data/mvtec",
         categories: list[str] = ["bottle"],  # noqa: B006  (read-only; LightningCLI needs a literal default)
+        benchmark: Benchmark = "mvtec_ad",
         resize: int = 256,
         imagesize: int = 224,
         batch_size: int | None = None,
@@ -115,10 +138,9 @@ class AnomalyDataModule(L.LightningDataModule):
         self.test_dataset: SampleDataset | None = None
         self.predict_dataset: ImageFolderDataset | None = None
 
-    @staticmethod
-    def dataset_name_of(category: str) -> str:
+    def dataset_name_of(self, category: str) -> str:
         """A category's name in results.csv, segmentation images, TensorBoard and model folders."""
-        return f"mvtec_{category}"
+        return f"{BENCHMARKS[self.hparams.benchmark]}_{category}"
 
     @property
     def dataset_name(self) -> str:
@@ -137,16 +159,19 @@ class AnomalyDataModule(L.LightningDataModule):
 
     def prepare_data(self) -> None:
         if self.hparams.synthetic:
+            if self.hparams.benchmark != "mvtec_ad":
+                raise ValueError("data.synthetic makes an MVTec AD layout: set data.benchmark mvtec_ad")
             from .synthetic import make_synthetic_mvtec
 
             make_synthetic_mvtec(self.hparams.root, tuple(self.categories))
 
     def setup(self, stage: str) -> None:
         h = self.hparams
-        if stage == "fit" and self.train_dataset is None:
-            self.train_dataset = SampleDataset(list_samples(h.root, self.category, "train"), h.resize, h.imagesize)
-        if stage in ("test", "validate") and self.test_dataset is None:
-            self.test_dataset = SampleDataset(list_samples(h.root, self.category, "test"), h.resize, h.imagesize)
+        binarize = h.benchmark == "visa"  # VisA marks defects with any non-zero value
+        for split, wanted in (("train", stage == "fit"), ("test", stage in ("test", "validate"))):
+            if wanted and getattr(self, f"{split}_dataset") is None:
+                samples = list_split(h.benchmark, h.root, self.category, split)
+                setattr(self, f"{split}_dataset", SampleDataset(samples, h.resize, h.imagesize, binarize))
         if stage == "predict" and self.predict_dataset is None:
             if not h.predict_dir:
                 raise DataError("predict needs data.predict_dir: the folder of images to score")

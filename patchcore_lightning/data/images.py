@@ -95,15 +95,17 @@ def to_display(images: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Sample:
-    """One image of a split: its path, anomaly type (``good`` for normal) and ground-truth mask (or None)."""
+    """One image of a split: its path, its type (its folder: ``good``, a defect's name, ...), its
+    ground-truth mask (or None) and its label (1 anomalous; by default: the type is not ``good``)."""
 
     image: Path
     anomaly: str
     mask: Path | None
+    label: int = -1
 
-    @property
-    def label(self) -> int:
-        return int(self.anomaly != "good")
+    def __post_init__(self) -> None:
+        if self.label == -1:
+            object.__setattr__(self, "label", int(self.anomaly != "good"))
 
     @property
     def name(self) -> str:
@@ -114,12 +116,15 @@ class Sample:
 class SampleDataset(Dataset):
     """Items: image (3, S, S) float32 ImageNet-normalised, mask (S, S) uint8, label, index.
 
-    A sample without a mask gets an all-zero mask. ``PADDING_INDEX`` gives a placeholder item.
+    A sample without a mask gets an all-zero mask. ``binarize_masks``: every non-zero mask pixel is
+    made 255 before the resize (masks that mark defects with small values, as VisA's).
+    ``PADDING_INDEX`` gives a placeholder item.
     """
 
-    def __init__(self, samples: list[Sample], resize: int, imagesize: int) -> None:
+    def __init__(self, samples: list[Sample], resize: int, imagesize: int, binarize_masks: bool = False) -> None:
         self.samples = samples
         self.transform = ImageTransform(resize, imagesize)
+        self.binarize_masks = binarize_masks
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -132,6 +137,8 @@ class SampleDataset(Dataset):
         if sample.mask is None:
             return self.transform.image(image), self.transform.placeholder()[1], sample.label, index
         mask = read_image(sample.mask, "L")
+        if self.binarize_masks:
+            mask = mask.point(lambda v: 255 if v else 0)
         if mask.size != image.size:
             raise DataError(
                 f"mask {sample.mask} is {mask.size[0]}x{mask.size[1]}, "
