@@ -123,9 +123,11 @@ class PatchCoreModule(L.LightningModule):
                 raise ValueError(f"model.layers has no entry for backbones {missing} (it has {sorted(layers)})")
         if not 0 < percentage <= 1:
             raise ValueError(f"model.percentage must be in (0, 1], got {percentage}")
-        for key in ("pretrain_embed_dimension", "target_embed_dimension", "patchsize", "anomaly_scorer_num_nn"):
-            if locals()[key] < 1:
-                raise ValueError(f"model.{key} must be >= 1, got {locals()[key]}")
+        sizes = {"pretrain_embed_dimension": pretrain_embed_dimension, "target_embed_dimension": target_embed_dimension,
+                 "patchsize": patchsize, "anomaly_scorer_num_nn": anomaly_scorer_num_nn}
+        for key, value in sizes.items():
+            if value < 1:
+                raise ValueError(f"model.{key} must be >= 1, got {value}")
         self.save_hyperparameters(logger=False)
         self.automatic_optimization = False  # nothing is trained: fit only collects features
         self.backbone_cache = Backbones(backbone_weights, original_bn_warmup)
