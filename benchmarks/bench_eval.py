@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 from cli_timing import run_cli  # noqa: E402  (this folder)
 
+
 def _cpu_busy_seconds() -> float:
     """CPU seconds all processes of the machine have spent (user + nice + system), from /proc/stat."""
     fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]

@@ -15,10 +15,10 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from PIL import Image
 import torch.distributed as dist
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
+from PIL import Image
 from torchmetrics.functional.classification import binary_roc
 
 from .data.images import PADDING_INDEX, to_display
@@ -233,7 +233,7 @@ class PredictionWriter(BasePredictionWriter):
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
         images, indices, errors = batch
         dataset = trainer.datamodule.predict_dataset
-        for i, (index, error) in enumerate(zip(indices.tolist(), errors)):
+        for index, error in zip(indices.tolist(), errors):
             if error:
                 self.rows.append({"path": dataset.relative(index), "error": error})
         shown = to_display(images[prediction["rows"]].cpu()).numpy() if prediction["rows"] else []

@@ -22,7 +22,7 @@ import os
 from typing import Literal
 
 import faiss
-import faiss.contrib.torch_utils  # noqa: F401  (lets faiss indexes take and return torch tensors)
+import faiss.contrib.torch_utils  # lets faiss indexes take and return torch tensors
 import torch
 from torch import nn
 

@@ -172,6 +172,8 @@ class PatchCoreModule(L.LightningModule):
             # Lightning's fit loop expects something to train; here nothing is, by design.
             warnings.filterwarnings("ignore", r".*configure_optimizers` returned `None`, this fit will run with no optimizer")
             warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode at the start of training")
+            # Lightning's fit loop against this torch's pytree; nothing a user can act on
+            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
             params = self.member_params(imagesize)
             self.model = PatchCore(params, [self.backbone_cache.get(p) for p in params])
             self.model_path = None

@@ -20,6 +20,21 @@ FIXTURE = Path(__file__).parent / "fixtures" / "original_resnet18_weave"
 RESNET18_SEED0_TENSOR_SHA256 = "31c7602f43fb64ce98a024d3c589367bd38ee241f60cd25ea800ff808d0dbf96"
 
 
+def fixture_args(weights: Path, results_dir: Path, *extra: str) -> list[str]:
+    """CLI arguments that evaluate the original's fixture model on its weave data, on the CPU."""
+    return [
+        "--data.root", str(FIXTURE / "data"),
+        "--data.categories", "[weave]",
+        "--data.num_workers", "0",
+        "--data.batch_size", "3",
+        "--model.model_paths", f"[{FIXTURE / 'model'}]",
+        "--model.backbone_weights", str(weights),
+        "--trainer.accelerator", "cpu",
+        "--results_dir", str(results_dir),
+        *extra,
+    ]
+
+
 def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     digest = hashlib.sha256()
     for name, tensor in state.items():

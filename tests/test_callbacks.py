@@ -16,7 +16,7 @@ from patchcore_lightning.cli import main
 from patchcore_lightning.data.mvtec import list_samples
 from patchcore_lightning.reporting import read_results
 
-from .conftest import FIXTURE
+from .conftest import FIXTURE, fixture_args
 
 
 @pytest.mark.parametrize("members", [1, 2, 3])
@@ -41,18 +41,7 @@ def test_hardest_candidates_hold_the_top_k_of_any_normalisation(members, lowest)
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, resnet18_weights):
     out = tmp_path_factory.mktemp("callbacks")
-    main([
-        "test",
-        "--data.root", str(FIXTURE / "data"),
-        "--data.categories", "[weave]",
-        "--data.num_workers", "0",
-        "--data.batch_size", "3",
-        "--model.model_paths", f"[{FIXTURE / 'model'}]",
-        "--model.backbone_weights", str(resnet18_weights),
-        "--model.save_segmentation_images", "true",
-        "--trainer.accelerator", "cpu",
-        "--results_dir", str(out),
-    ])
+    main(["test", *fixture_args(resnet18_weights, out, "--model.save_segmentation_images", "true")])
     return out
 
 

@@ -17,7 +17,7 @@ from patchcore_lightning.data.mvtec import MVTecDataset, list_samples
 from patchcore_lightning.model import Backbones, PatchCore
 from patchcore_lightning.model_io import PatchCoreParams
 
-from .conftest import FIXTURE, RESNET18_SEED0_TENSOR_SHA256
+from .conftest import FIXTURE, RESNET18_SEED0_TENSOR_SHA256, fixture_args
 
 ORIGINAL = np.load(FIXTURE / "original_outputs.npz")
 META = json.loads((FIXTURE / "original_metrics.json").read_text())
@@ -26,19 +26,9 @@ META = json.loads((FIXTURE / "original_metrics.json").read_text())
 def test_the_torch_search_gives_the_originals_numbers(resnet18_weights, tmp_path):
     if resnet18_weights.with_suffix(".sha256").read_text() != RESNET18_SEED0_TENSOR_SHA256:
         pytest.skip("this torch/torchvision builds other seed-0 resnet18 weights than the fixture's")
-    cli = PatchCoreCLI(args=[
-        "test",
-        "--data.root", str(FIXTURE / "data"),
-        "--data.categories", "[weave]",
-        "--data.num_workers", "0",
-        "--data.batch_size", "3",
-        "--model.model_paths", f"[{FIXTURE / 'model'}]",
-        "--model.backbone_weights", str(resnet18_weights),
-        "--model.knn_backend", "torch",
-        "--trainer.accelerator", "cpu",
-        "--trainer.logger", "false",
-        "--results_dir", str(tmp_path),
-    ])
+    cli = PatchCoreCLI(
+        args=["test", *fixture_args(resnet18_weights, tmp_path, "--model.knn_backend", "torch", "--trainer.logger", "false")]
+    )
     assert cli.model.model.banks[0].kind == "torch"
     result = cli.model.result
     np.testing.assert_allclose(result["raw_scores"][:, 0].numpy(), ORIGINAL["image_scores"], rtol=1e-5)

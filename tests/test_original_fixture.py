@@ -16,7 +16,7 @@ from patchcore_lightning.embedding import embed
 from patchcore_lightning.memory_bank import MemoryBank
 from patchcore_lightning.reporting import read_results
 
-from .conftest import FIXTURE, RESNET18_SEED0_TENSOR_SHA256
+from .conftest import FIXTURE, RESNET18_SEED0_TENSOR_SHA256, fixture_args
 
 ORIGINAL = np.load(FIXTURE / "original_outputs.npz")
 META = json.loads((FIXTURE / "original_metrics.json").read_text())
@@ -61,18 +61,7 @@ def test_without_the_bn_warmup_the_scores_differ(weights):
 
 
 def test_cli_reproduces_the_original_metrics(weights, tmp_path):
-    main([
-        "test",
-        "--data.root", str(FIXTURE / "data"),
-        "--data.categories", "[weave]",
-        "--data.num_workers", "0",
-        "--data.batch_size", "3",
-        "--model.model_paths", f"[{FIXTURE / 'model'}]",
-        "--model.backbone_weights", str(weights),
-        "--trainer.accelerator", "cpu",
-        "--trainer.logger", "false",
-        "--results_dir", str(tmp_path),
-    ])
+    main(["test", *fixture_args(weights, tmp_path, "--trainer.logger", "false")])
     rows = read_results(tmp_path / "results.csv")
     assert list(rows) == ["mvtec_weave", "mean"]
     for name, value in META["metrics"].items():

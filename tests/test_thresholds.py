@@ -20,7 +20,7 @@ from patchcore_lightning.metrics import f1_max
 from patchcore_lightning.model import Backbones, PatchCore
 from patchcore_lightning.reporting import read_thresholds
 
-from .conftest import FIXTURE
+from .conftest import FIXTURE, fixture_args
 
 
 def _sklearn_f1_max(scores: np.ndarray, targets: np.ndarray) -> float:
@@ -57,24 +57,10 @@ def test_f1_max_without_positives_is_nan():
     assert (threshold, f1) == (pytest.approx(0.2), 1.0)
 
 
-def _args(weights, results_dir, *extra) -> list[str]:
-    return [
-        "--data.root", str(FIXTURE / "data"),
-        "--data.categories", "[weave]",
-        "--data.num_workers", "0",
-        "--data.batch_size", "3",
-        "--model.model_paths", f"[{FIXTURE / 'model'}]",
-        "--model.backbone_weights", str(weights),
-        "--trainer.accelerator", "cpu",
-        "--results_dir", str(results_dir),
-        *extra,
-    ]
-
-
 @pytest.fixture(scope="module")
 def tested(tmp_path_factory, resnet18_weights):
     out = tmp_path_factory.mktemp("thresholds")
-    cli = PatchCoreCLI(args=["test", *_args(resnet18_weights, out)])
+    cli = PatchCoreCLI(args=["test", *fixture_args(resnet18_weights, out)])
     return out, cli.model.result
 
 
@@ -117,7 +103,7 @@ def test_predict_with_the_thresholds_flags_what_they_promise(tested, resnet18_we
         ("typed", ["--model.image_threshold", repr(row["image_threshold"]), "--model.pixel_threshold", repr(row["pixel_threshold"])]),
         ("csv", ["--model.thresholds_csv", str(out / "thresholds.csv")]),
     ):
-        main(["predict", *_args(resnet18_weights, tmp_path / how, *extra), "--data.predict_dir", str(folder),
+        main(["predict", *fixture_args(resnet18_weights, tmp_path / how, *extra), "--data.predict_dir", str(folder),
               "--model.save_raw_maps", "true"])
         with open(tmp_path / how / "predictions.csv", newline="") as handle:
             rows = list(csv.DictReader(handle))
@@ -134,12 +120,12 @@ def test_predict_with_the_thresholds_flags_what_they_promise(tested, resnet18_we
 def test_thresholds_csv_conflicts_and_missing_rows_are_clear(tested, resnet18_weights, tmp_path, capsys):
     out, _ = tested
     with pytest.raises(SystemExit):
-        main(["predict", *_args(resnet18_weights, tmp_path / "a", "--model.thresholds_csv", str(out / "thresholds.csv"),
+        main(["predict", *fixture_args(resnet18_weights, tmp_path / "a", "--model.thresholds_csv", str(out / "thresholds.csv"),
                                 "--model.image_threshold", "3"), "--data.predict_dir", str(FIXTURE / "data")])
     assert "give model.thresholds_csv or model.image_threshold / model.pixel_threshold, not both" in capsys.readouterr().err
     other = tmp_path / "other.csv"
     other.write_text("dataset_name,image_threshold,image_f1,pixel_threshold,pixel_f1\nvisa_candle,1,1,1,1\n")
     with pytest.raises(SystemExit):
-        main(["predict", *_args(resnet18_weights, tmp_path / "b", "--model.thresholds_csv", str(other)),
+        main(["predict", *fixture_args(resnet18_weights, tmp_path / "b", "--model.thresholds_csv", str(other)),
               "--data.predict_dir", str(FIXTURE / "data")])
     assert "has no row for this model (model or mvtec_weave); it has ['visa_candle']" in capsys.readouterr().err
