@@ -72,6 +72,13 @@ def test_2_category_missing_or_without_test(setup, capsys):
     _no_results(setup)
 
 
+def test_2_categories_read_as_numbers_ask_for_quotes(setup, capsys):
+    """BTAD's categories are 01, 02, 03: unquoted, YAML reads them as the numbers 1, 2, 3."""
+    _fails(capsys, _args(setup, **{"data.categories": "[01, 02]"}), "data.categories: [1, 2] were read as numbers")
+    _fails(capsys, _args(setup, **{"data.categories": '["01"]'}), "category folder not found")
+    _no_results(setup)
+
+
 def test_3_test_folder_without_images(setup, capsys):
     for folder in (setup["data"] / "weave" / "test").iterdir():
         shutil.rmtree(folder)

@@ -113,7 +113,7 @@ class AnomalyDataModule(L.LightningDataModule):
     def __init__(
         self,
         root: str = "data/mvtec",
-        categories: list[str] = ["bottle"],  # noqa: B006  (read-only; LightningCLI needs a literal default)
+        categories: list[str | int] = ["bottle"],  # noqa: B006  (read-only; LightningCLI needs a literal default)
         benchmark: Benchmark = "mvtec_ad",
         resize: int = 256,
         imagesize: int = 224,
@@ -125,6 +125,12 @@ class AnomalyDataModule(L.LightningDataModule):
         super().__init__()
         if not categories:
             raise ValueError("data.categories is empty: list at least one category")
+        numbers = [c for c in categories if not isinstance(c, str)]
+        if numbers:  # YAML reads [01, 02] as numbers, and 01 as 1: the folder name is lost
+            raise ValueError(
+                f"data.categories: {numbers} were read as numbers; quote category names that look like "
+                f"numbers, e.g. --data.categories '[\"01\", \"02\"]' (BTAD)"
+            )
         if len(set(categories)) != len(categories):
             raise ValueError(f"data.categories lists a category twice: {categories}")
         if imagesize < 1 or resize < imagesize:
