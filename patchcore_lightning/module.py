@@ -167,13 +167,13 @@ class PatchCoreModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         # PyTorch lets cuDNN convolutions use TF32 by default; PatchCore's numbers are fp32 numbers.
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = self.hparams.allow_tf32
+        # Lightning's loops against this torch's pytree module: nothing a user can act on
+        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
         imagesize = self.trainer.datamodule.imagesize
         if stage == "fit":
             # Lightning's fit loop expects something to train; here nothing is, by design.
             warnings.filterwarnings("ignore", r".*configure_optimizers` returned `None`, this fit will run with no optimizer")
             warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode at the start of training")
-            # Lightning's fit loop against this torch's pytree; nothing a user can act on
-            warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
             params = self.member_params(imagesize)
             self.model = PatchCore(params, [self.backbone_cache.get(p) for p in params])
             self.model_path = None
