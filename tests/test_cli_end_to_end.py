@@ -121,7 +121,7 @@ def test_print_config_and_configs_parse():
     for config in ("mvtec_wr50_224", "mvtec_wr50_320", "mvtec_ensemble_320"):
         proc = _run_cli("test", "--config", f"configs/{config}.yaml", "--print_config")
         assert proc.returncode == 0, proc.stderr
-        for key in ("results_dir:", "model_paths:", "backbone_weights:", "faiss_on_gpu:", "save_segmentation_images:",
+        for key in ("results_dir:", "model_paths:", "backbone_weights:", "knn_backend:", "save_segmentation_images:",
                     "resize:", "imagesize:", "batch_size:", "num_workers:", "categories:"):
             assert key in proc.stdout, (config, key)
         assert proc.stdout.count("models/mvtec_") == 15
