@@ -65,5 +65,6 @@ def test_cli_reproduces_the_original_metrics(weights, tmp_path):
     rows = read_results(tmp_path / "results.csv")
     assert list(rows) == ["mvtec_weave", "mean"]
     for name, value in META["metrics"].items():
-        assert rows["mvtec_weave"][name] == pytest.approx(value, abs=1e-5), name
+        # within 3e-8 here; a reordered float sum in the features moves the pixel AUROCs by ~1e-6
+        assert rows["mvtec_weave"][name] == pytest.approx(value, abs=5e-7), name
         assert rows["mean"][name] == rows["mvtec_weave"][name]
