@@ -66,9 +66,9 @@ def test_cli_reproduces_the_original_metrics(weights, tmp_path):
     assert list(rows) == ["mvtec_weave", "mean"]
     for name, value in META["metrics"].items():
         # The original computed these on one CPU; float32 convolutions and matrix products round
-        # differently on another instruction set (AVX-512 against AVX2), which moves the pixel
-        # AUROCs of this small fixture by up to ~3e-6 for a literal transcription of the original
-        # too. Exactness on the running machine is checked where it holds bit for bit (embedding
-        # against the literal chain) and in the end-to-end tests against the transcription.
+        # differently on another (instruction set, kernel choice), which moves the pixel AUROCs of
+        # this small fixture by up to ~3e-6, for a literal transcription of the original too (on an
+        # AVX-512 AMD EPYC). Exactness on the running machine is checked where it holds bit for bit
+        # (embedding against the literal chain) and in the end-to-end tests against the transcription.
         assert rows["mvtec_weave"][name] == pytest.approx(value, abs=5e-6), name
         assert rows["mean"][name] == rows["mvtec_weave"][name]
