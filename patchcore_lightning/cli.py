@@ -318,11 +318,33 @@ def _interrupt(signum, frame) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 
 
+class _RepeatedLightningLines(logging.Filter):
+    """Lightning's lines that a multi-category run would repeat: its accelerator lines are shown for
+    the first Trainer only (fit builds one per category), its "💡 Tip" advertisement never."""
+
+    DEVICE_LINES = ("GPU available", "TPU available", "HPU available")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if message.startswith("💡 Tip"):
+            return False
+        if message.startswith(self.DEVICE_LINES):
+            if message in self.seen:
+                return False
+            self.seen.add(message)
+        return True
+
+
 def main(args: list[str] | None = None) -> None:
     """Run the CLI; a bad input ends in one line on stderr and exit code 2 (PATCHCORE_DEBUG=1: traceback)."""
-    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(
-        lambda record: not str(record.msg).startswith("💡 Tip")  # an advertisement, once per category otherwise
-    )
+    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    for old in [f for f in lightning_log.filters if isinstance(f, _RepeatedLightningLines)]:
+        lightning_log.removeFilter(old)  # each run shows its own accelerator lines once
+    lightning_log.addFilter(_RepeatedLightningLines())
     if not log.handlers:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(message)s"))

@@ -4,6 +4,7 @@ trips; test without model_paths builds first."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import subprocess
@@ -134,6 +135,29 @@ def test_fit_runs_through_lightnings_fit_loop(mvtec_root, resnet18_weights, tmp_
           "--data.batch_size", "2", "--trainer.callbacks+=tests.test_fit.BatchCounter"])
     assert BatchCounter.batches == 3  # every training image, in Lightning's batches
     assert (tmp_path / "models" / "mvtec_alpha" / "nnscorer_search_index.faiss").is_file()
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+def test_fit_of_several_categories_shows_lightnings_device_lines_once(mvtec_root, resnet18_weights, tmp_path):
+    """fit builds a Trainer per category; Lightning's accelerator lines are shown for the first only."""
+    records = _Records()
+    lightning_log = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    lightning_log.addHandler(records)
+    try:
+        main(["fit", *_common(mvtec_root, resnet18_weights, tmp_path)])  # two categories
+    finally:
+        lightning_log.removeHandler(records)
+    assert sum(m.startswith("GPU available") for m in records.messages) == 1, records.messages
+    assert sum(m.startswith("TPU available") for m in records.messages) == 1, records.messages
+    assert (tmp_path / "models" / "mvtec_beta" / "nnscorer_search_index.faiss").is_file()
 
 
 def test_fit_on_two_processes_builds_the_one_process_bank(mvtec_root, resnet18_weights, tmp_path):
