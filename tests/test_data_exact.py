@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from patchcore_lightning.data import png
 from patchcore_lightning.data.folder import ImageFolderDataset
-from patchcore_lightning.data.images import IMAGENET_MEAN, IMAGENET_STD, DataError, Sample, to_display
+from patchcore_lightning.data.images import IMAGENET_MEAN, IMAGENET_STD, DataError, Sample, decode_image, to_display
 from patchcore_lightning.data.mvtec import MVTecDataset
 
 
@@ -43,7 +44,7 @@ def _noise(rng: np.random.Generator, h: int, w: int, channels: int) -> np.ndarra
 
 def write_modes(folder: Path, h: int, w: int, seed: int = 0, large: bool = False) -> list[Path]:
     """One picture as PNGs of modes RGB and L (MVTec AD's two; only these if ``large``), and LA, RGBA,
-    P, P with transparency, 1 and 16-bit gray."""
+    P, P with transparency, 1 and 16-bit gray, RGB with a transparent colour."""
     rng = np.random.default_rng(seed)
     rgb = Image.fromarray(_noise(rng, h, w, 3))
     images = {"rgb": rgb, "l": rgb.convert("L")}
@@ -62,6 +63,8 @@ def write_modes(folder: Path, h: int, w: int, seed: int = 0, large: bool = False
     if not large:
         images["p_trns"] = images["p"]
         images["p"].save(folder / "p_trns.png", transparency=3)
+        images["rgb_trns"] = rgb
+        rgb.save(folder / "rgb_trns.png", transparency=(1, 2, 3))
     return [folder / f"{name}.png" for name in images]
 
 
@@ -146,3 +149,33 @@ def test_unreadable_files_fail_with_the_plain_chains_message(tmp_path):
         with pytest.raises(DataError) as ours:
             dataset[0]
         assert str(ours.value) == f"cannot read image {path}: {reason}"
+
+
+def test_plain_pngs_are_decoded_by_libspng_to_pils_pixels(tmp_path, monkeypatch):
+    decoded = []
+    load = png.pyspng.load
+    monkeypatch.setattr(png.pyspng, "load", lambda data, format: decoded.append(format) or load(data, format=format))
+    paths = {p.stem: p for p in write_modes(tmp_path, 37, 53)}
+    for mode in ("RGB", "L"):
+        for name, path in paths.items():
+            decoded.clear()
+            ours = decode_image(path, mode)
+            with Image.open(path) as img:
+                expected = img.convert(mode)
+            assert ours.mode == mode and np.array_equal(np.asarray(ours), np.asarray(expected)), (name, mode)
+            plain = (name, mode) in {("rgb", "RGB"), ("rgb_trns", "RGB"), ("l", "L")}
+            assert decoded == ([mode] if plain else []), (name, mode)
+
+
+def test_a_damaged_png_is_never_decoded_to_other_pixels(tmp_path):
+    """libspng (as pyspng runs it) ignores the CRCs; a damaged plain PNG goes to PIL, which refuses it."""
+    path = write_modes(tmp_path, 64, 64, large=True)[0]  # RGB
+    data = bytearray(path.read_bytes())
+    data[data.find(b"IDAT") + 100] ^= 0x10
+    path.write_bytes(bytes(data))
+    with pytest.raises(OSError) as plain:
+        with Image.open(path) as img:
+            img.convert("RGB")
+    with pytest.raises(DataError) as ours:
+        MVTecDataset([Sample(path, "good", None)], 32, 32)[0]
+    assert str(ours.value) == f"cannot read image {path}: {type(plain.value).__name__}: {plain.value}"

@@ -6,10 +6,9 @@ import os
 from pathlib import Path
 
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
-from .images import IMAGE_EXTENSIONS, PADDING_INDEX, DataError, ImageTransform
+from .images import IMAGE_EXTENSIONS, PADDING_INDEX, DataError, ImageTransform, decode_image
 
 __all__ = ["ImageFolderDataset", "list_images"]
 
@@ -51,8 +50,7 @@ class ImageFolderDataset(Dataset):
         if index == PADDING_INDEX:
             return self.transform.placeholder()[0], PADDING_INDEX, ""
         try:
-            with Image.open(self.paths[index]) as img:
-                image = img.convert("RGB")
+            image = decode_image(self.paths[index])
         except Exception as err:  # unreadable or truncated: reported, not fatal
             return self.transform.placeholder()[0], index, f"{type(err).__name__}: {err}"
         return self.transform.image(image), index, ""

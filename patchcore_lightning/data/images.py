@@ -1,9 +1,10 @@
 """Reading images and masks, and the transforms every data set shares: the original's, unchanged.
 
-An image is ``Image.open(path).convert("RGB")``, ``Resize(resize)`` (shorter side, bilinear),
-``CenterCrop(imagesize)``, ``ToTensor`` and ImageNet ``Normalize``: (3, S, S) float32. A mask is
-``convert("L")`` with the same resize and crop, kept as uint8 (S, S): 0..255, exactly the
-original's float mask times 255, so a pixel is anomalous where it is 255 (the original's 1.0).
+An image is ``Image.open(path).convert("RGB")`` (plain PNGs decoded by libspng, which gives PIL's
+pixels faster: ``png.py``), ``Resize(resize)`` (shorter side, bilinear), ``CenterCrop(imagesize)``,
+``ToTensor`` and ImageNet ``Normalize``: (3, S, S) float32. A mask is ``convert("L")`` with the same
+resize and crop, kept as uint8 (S, S): 0..255, exactly the original's float mask times 255, so a
+pixel is anomalous where it is 255 (the original's 1.0).
 
 ``to_display`` turns a normalised image back into the uint8 pixels it was made from, so that the
 writers draw what the backbone saw without decoding the file again.
@@ -21,6 +22,8 @@ from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import transforms
 
+from .png import decode_png, plain_png
+
 __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
@@ -30,6 +33,7 @@ __all__ = [
     "ImageTransform",
     "Sample",
     "SampleDataset",
+    "decode_image",
     "images_in",
     "read_image",
     "to_display",
@@ -52,11 +56,21 @@ def images_in(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
+def decode_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
+    """The pixels of ``Image.open(path).convert(mode)``: plain PNGs decoded by libspng (``png.py``),
+    everything else by PIL. Raises what PIL raises for a file it cannot read."""
+    with Image.open(path) as img:
+        if plain_png(img, mode):
+            decoded = decode_png(Path(path).read_bytes(), mode)
+            if decoded is not None:
+                return decoded
+        return img.convert(mode)
+
+
 def read_image(path: str | os.PathLike, mode: str = "RGB") -> Image.Image:
-    """``Image.open(path).convert(mode)``; an unreadable or truncated file is a DataError naming it."""
+    """``decode_image``; an unreadable or truncated file is a DataError naming it."""
     try:
-        with Image.open(path) as img:
-            return img.convert(mode)
+        return decode_image(path, mode)
     except Exception as err:
         raise DataError(f"cannot read image {path}: {type(err).__name__}: {err}") from None
 
