@@ -1,8 +1,8 @@
 """PNG decoding by libspng (``pyspng``) where it gives PIL's pixels, in ~60 % of PIL's time.
 
-Decoding dominates a data item of MVTec-sized PNGs (1024²: ~24 of ~37 ms per item with PIL, ~15
-with libspng), and on a GPU the DataLoader workers' decoding is the floor of the test loop's speed
-(``benchmarks/bench_decode.py``). PNG is lossless, so every correct decoder gives the same 8-bit
+Decoding dominates a data item of MVTec-sized PNGs (1024²: ~24 ms with PIL, ~15 with libspng, of
+an item of ~32 and ~25 ms), and on a GPU the DataLoader workers' decoding is the floor of the test
+loop's speed (``benchmarks/bench_decode.py``). PNG is lossless, so every correct decoder gives the same 8-bit
 values. libspng gets only the plain case: a single-frame PNG that PIL reads as 8-bit RGB or gray
 in the mode asked for, without conversion. Every other file (palette, alpha, 16-bit, 1/2/4-bit,
 animated, another mode asked for, another format) is PIL's.
