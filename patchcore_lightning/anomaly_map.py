@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["gaussian_blur", "gaussian_kernel1d", "minmax_normalise", "segmentation_maps"]
+__all__ = ["gaussian_blur", "gaussian_kernel1d", "minmax_normalise", "minmax_scale", "segmentation_maps"]
 
 
 def gaussian_kernel1d(sigma: float, truncate: float = 4.0, dtype: torch.dtype = torch.float64) -> torch.Tensor:
@@ -54,5 +54,10 @@ def minmax_normalise(x: torch.Tensor, dim: tuple[int, ...] | None = None) -> tor
         dim = tuple(range(1, x.ndim))
     lo = x.amin(dim=dim, keepdim=True)
     hi = x.amax(dim=dim, keepdim=True)
-    span = hi - lo
+    return minmax_scale(x, lo, hi - lo)
+
+
+def minmax_scale(x: torch.Tensor, lo: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    """(x - lo) / span with given ``lo`` and ``span`` (broadcast against ``x``), zeros where span is 0:
+    ``minmax_normalise``'s arithmetic, for statistics taken over more than ``x``."""
     return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1), torch.zeros_like(x))

@@ -19,7 +19,7 @@ import torch
 from torchmetrics import Metric
 from torchmetrics.functional.classification import binary_auroc
 
-from .anomaly_map import minmax_normalise
+from .anomaly_map import minmax_normalise, minmax_scale
 from .pro import aupro_from_counts, region_weights
 from .ranking import RankedPositives, auroc_from_counts, count_below_runs, order_keys, run_length
 
@@ -189,9 +189,8 @@ def _normalised_mean(maps: torch.Tensor, lo: torch.Tensor, span: torch.Tensor) -
 
     ``minmax_normalise``'s arithmetic, image by image: the same bits as over the whole set at once.
     """
-    x = maps.transpose(0, 1)  # (M, b, H, W)
-    lo, span = lo.view(-1, 1, 1, 1), span.view(-1, 1, 1, 1)
-    return torch.where(span > 0, (x - lo) / torch.where(span > 0, span, 1), torch.zeros_like(x)).mean(dim=0)
+    members = maps.transpose(0, 1)  # (M, b, H, W)
+    return minmax_scale(members, lo.view(-1, 1, 1, 1), span.view(-1, 1, 1, 1)).mean(dim=0)
 
 
 def _reordered(
@@ -302,17 +301,19 @@ class PatchCoreEvaluation(Metric):
             raise RuntimeError("a test image was scored twice; the sampler must not repeat images")
         raw_scores = torch.cat(parts(self.raw_scores))  # (N, M), in arrival order
         labels = torch.cat(parts(self.labels))[order]
+        raw_scores_ordered = raw_scores[order]
         scores, maps = ensemble(raw_scores, parts(self.raw_maps), order)
         masks = _reordered(parts(self.masks), order, lambda chunk: chunk, maps.shape[1:], torch.uint8)
-        # the thresholds do not depend on the order: the raw outputs as they arrived
-        raw_mean_maps = torch.cat([part.mean(dim=1) for part in parts(self.raw_maps)])  # (N, H, W)
-        arrived = (torch.cat(parts(self.masks)), torch.cat(parts(self.labels)))  # (N, H, W), (N,)
+        # the thresholds' inputs: the members' mean raw segmentation, (N, H, W)
+        raw_mean_maps = _reordered(
+            parts(self.raw_maps), order, lambda chunk: chunk.mean(dim=1), maps.shape[1:], maps.dtype
+        )
         return {
             **evaluate(scores, maps, masks, labels),
-            **thresholds(raw_scores.mean(dim=1), raw_mean_maps, *arrived),
+            **thresholds(raw_scores_ordered.mean(dim=1), raw_mean_maps, masks, labels),
             "indices": indices,
             "labels": labels,
-            "raw_scores": raw_scores[order],
+            "raw_scores": raw_scores_ordered,
             "scores": scores,
             "maps": maps,
             "masks": masks,
