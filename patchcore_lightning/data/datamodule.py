@@ -33,6 +33,7 @@ def list_split(benchmark: str, root: str, category: str, split: str) -> list[Sam
         return visa.list_samples(root, category, split)
     return mvtec.list_samples(root, category, split, _LAYOUTS[benchmark])
 
+
 # Batch sizes when data.batch_size is null: small on a CPU, where a batch's working memory is RSS and
 # larger batches are no faster; enough on a GPU to keep it busy with one launch sequence per batch.
 CPU_BATCH_SIZE, GPU_BATCH_SIZE = 2, 32
