@@ -3,13 +3,23 @@
 Patch score = mean of the squared L2 distances to the k nearest bank vectors, which is what the
 original's ``NearestNeighbourScorer`` computes from ``IndexFlatL2.search``.
 
-Two exact searches:
-- ``faiss``: an ``IndexFlatL2`` over the vectors (on a GPU through a faiss GPU build). The CPU
-  default: it gives the original's numbers.
-- ``torch``: squared distances ``|x|² + |y|² - 2 x·y`` in float32 (faiss's BLAS formula, clamped at 0)
-  by matrix products and a running top-k, over chunks of the queries and of the bank so that no
-  distance block exceeds ``block_bytes``: memory is bounded and time linear in the bank size. It
-  runs on any device; distances differ from faiss's in the last bits (another summation order).
+Every search runs in two steps:
+1. candidates: the ``k + RERANK_EXTRA`` bank rows nearest by ``|x|² + |y|² - 2 x·y`` in float32,
+   the formula of faiss's BLAS path, by matrix products. Its rounding error grows with
+   ``|x|² + |y|²``, not with the distance: with features of squared norm ~400 and nearest squared
+   distances ~12 (PatchCore's), the last bits of ``x·y``, which differ between BLAS kernels
+   (AVX2, AVX-512, a GPU), move a distance by up to ~1e-3 of itself.
+2. distances: ``Σ (x - y)²`` of each candidate, accumulated in float64 and rounded once to float32
+   (float32 where the device has no float64, Apple's MPS): no cancellation, so the result is the
+   exactly rounded distance, the same bits on every CPU and GPU.
+The k nearest are exact unless more than ``RERANK_EXTRA`` bank rows lie within the formula's
+rounding of the k-th nearest; then the k-th distance is still within that rounding of the exact one.
+
+Two ways to find the candidates:
+- ``faiss``: an ``IndexFlatL2`` over the vectors (on a GPU through a faiss GPU build). The CPU default.
+- ``torch``: the same formula by matrix products and a running top-k, over chunks of the queries
+  and of the bank so that no distance block exceeds ``block_bytes``: memory is bounded and time
+  linear in the bank size. It runs on any device.
 
 ``knn_backend`` ``auto`` picks per device: faiss on the CPU; on a GPU faiss's GPU index when the
 installed faiss has GPU support, else the torch search on that GPU. ``faiss`` behind a GPU with a
@@ -26,12 +36,23 @@ import faiss.contrib.torch_utils  # lets faiss indexes take and return torch ten
 import torch
 from torch import nn
 
-__all__ = ["DEFAULT_BLOCK_BYTES", "KnnBackend", "MemoryBank", "gpu_faiss_available", "search_kind", "torch_knn"]
+__all__ = [
+    "DEFAULT_BLOCK_BYTES",
+    "RERANK_EXTRA",
+    "KnnBackend",
+    "MemoryBank",
+    "exact_distances",
+    "gpu_faiss_available",
+    "search_kind",
+    "torch_knn",
+]
 
 KnnBackend = Literal["auto", "faiss", "torch"]
 
 # Largest (queries x bank) float32 distance block of the torch search: 256 MiB.
 DEFAULT_BLOCK_BYTES = 1 << 28
+# Candidates beyond k whose distances are computed exactly.
+RERANK_EXTRA = 4
 
 
 def gpu_faiss_available() -> bool:
@@ -58,8 +79,9 @@ def torch_knn(
     k: int,
     bank_sq: torch.Tensor | None = None,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
-) -> torch.Tensor:
-    """Exact squared L2 distances of each query (N, D) to its k nearest rows of ``bank`` (M, D), ascending. (N, k)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k rows of ``bank`` (M, D) nearest to each query (N, D) by ``|x|² + |y|² - 2 x·y`` in float32:
+    (N, k) those squared distances, ascending, and (N, k) the rows' indices.
 
     Chunks the queries and the bank so that no distance block holds more than ``block_bytes``;
     ``bank_sq`` (M,) are the bank's squared norms, computed when not given.
@@ -71,25 +93,57 @@ def torch_knn(
     elems = max(block_bytes // queries.element_size(), k)
     n_chunk = max(1, min(N, elems // min(M, elems)))  # queries per block
     m_chunk = max(k, min(M, elems // n_chunk))  # bank rows per block
-    out = []
+    values, indices = [], []
     for i in range(0, N, n_chunk):
         x = queries[i : i + n_chunk]  # (n, D)
         x_sq = (x * x).sum(dim=1, keepdim=True)  # (n, 1)
-        best = None  # (n, k) the k smallest so far, ascending
+        best, best_idx = None, None  # (n, k) the k smallest so far, ascending, and their rows
         for j in range(0, M, m_chunk):
             y = bank[j : j + m_chunk]  # (m, D)
             # faiss's order, (|x|² + |y|²) - 2 x·y, clamped at 0; in place: one (n, m) block.
             d = (x_sq + bank_sq[j : j + m_chunk]).addmm_(x, y.T, alpha=-2).clamp_min_(0)  # (n, m)
-            if k == 1:
-                near = d.amin(dim=1, keepdim=True)  # (n, 1)
-                best = near if best is None else torch.minimum(best, near)
-                continue
-            near = d.topk(min(k, d.shape[1]), dim=1, largest=False).values  # (n, k')
+            near, near_idx = d.topk(min(k, d.shape[1]), dim=1, largest=False)  # (n, k')
+            near_idx += j
             if best is not None:
-                near = torch.cat([best, near], dim=1).topk(k, dim=1, largest=False).values  # (n, k)
-            best = near
-        out.append(best)
-    return torch.cat(out)  # (N, k)
+                near, pick = torch.cat([best, near], dim=1).topk(k, dim=1, largest=False)  # (n, k)
+                near_idx = torch.cat([best_idx, near_idx], dim=1).gather(1, pick)  # (n, k)
+            best, best_idx = near, near_idx
+        values.append(best)
+        indices.append(best_idx)
+    return torch.cat(values), torch.cat(indices)  # (N, k), (N, k)
+
+
+def exact_distances(
+    queries: torch.Tensor, bank: torch.Tensor, rows: torch.Tensor, block_bytes: int | None = None
+) -> torch.Tensor:
+    """``Σ (x - y)²`` of each query (N, D) to the bank rows ``rows`` (N, c) names, accumulated in float64
+    and rounded once to float32 (in float32 on a device without float64). (N, c)
+
+    Without the cancellation of ``|x|² + |y|² - 2 x·y``: the exactly rounded distances, whatever kernel
+    or device runs it. Works through the queries in blocks of at most ``block_bytes`` per float64
+    buffer (default 4 MiB on a CPU, where the buffers stay in cache; 64 MiB on a GPU, fewer kernel
+    launches), reused for every block and candidate: nothing is allocated per step.
+    """
+    N, D = queries.shape
+    if block_bytes is None:
+        block_bytes = 1 << 22 if queries.device.type == "cpu" else 1 << 26
+    c = rows.shape[1]
+    wide = torch.float32 if queries.device.type == "mps" else torch.float64
+    n_chunk = max(1, min(N, block_bytes // (D * 8)))
+    out = torch.empty(N, c, dtype=torch.float32, device=queries.device)
+    x = torch.empty(n_chunk, D, dtype=wide, device=queries.device)  # the queries, widened
+    y = torch.empty(n_chunk, D, dtype=bank.dtype, device=queries.device)  # a candidate per query
+    diff = torch.empty(n_chunk, D, dtype=wide, device=queries.device)  # then its squares
+    total = torch.empty(n_chunk, dtype=wide, device=queries.device)
+    for i in range(0, N, n_chunk):
+        n = min(n_chunk, N - i)
+        x[:n].copy_(queries[i : i + n])
+        for j in range(c):
+            torch.index_select(bank, 0, rows[i : i + n, j], out=y[:n])  # (n, D)
+            torch.sub(x[:n], y[:n], out=diff[:n]).square_()  # (n, D)
+            torch.sum(diff[:n], dim=1, out=total[:n])  # (n,)
+            out[i : i + n, j] = total[:n]
+    return out
 
 
 class MemoryBank(nn.Module):
@@ -195,15 +249,21 @@ class MemoryBank(nn.Module):
         if not 1 <= k <= len(self):
             raise ValueError(f"anomaly_scorer_num_nn={k} must be in [1, bank size {len(self)}]")
         kind = self.kind
+        c = min(k + RERANK_EXTRA, len(self))  # candidates
         if kind == "torch":
             x = queries.to(self.vectors.device, torch.float32)
-            distances = torch_knn(x, self.vectors, k, self._cached("torch"), self.block_bytes)
+            _, rows = torch_knn(x, self.vectors, c, self._cached("torch"), self.block_bytes)
         elif kind == "faiss-gpu":
             x = queries.to(self.vectors.device, torch.float32).contiguous()
-            distances, _ = self._cached(kind)[1].search(x, k)
+            _, rows = self._cached(kind)[1].search(x, c)
         else:  # the CPU index, also behind another device when asked for (``describe`` says so)
             x = queries.to("cpu", torch.float32).contiguous()
-            distances, _ = self._cached(kind).search(x, k)
+            _, rows = self._cached(kind).search(x, c)
+        # the candidates' exact distances, where the vectors are
+        vectors = self.vectors.detach().to(torch.float32)
+        x, rows = x.to(vectors.device), rows.to(vectors.device)
+        distances = exact_distances(x, vectors, rows)  # (N, c)
+        distances = distances.topk(k, dim=1, largest=False).values  # (N, k) ascending
         return distances.to(queries.device)
 
     def patch_scores(self, queries: torch.Tensor, k: int) -> torch.Tensor:

@@ -15,8 +15,13 @@ from PIL import Image
 
 FIXTURE = Path(__file__).parent / "fixtures" / "original_resnet18_weave"
 
-# sha256 over (name, tensor bytes) of resnet18(weights=None) right after torch.manual_seed(0),
-# torch 2.14.1 / torchvision 0.29.1: the weights the original's fixture model was built with.
+# The backbone of the original's fixture model: torchvision's resnet18(weights=None) right after
+# torch.manual_seed(0) (torch 2.14.1, torchvision 0.29.1), shipped up to layer3, the last layer the
+# model uses (conv1, bn1, layer1-3: 2,787,279 values), so that the parity tests run on any platform,
+# whatever weights another torch or CPU would draw for seed 0.
+RESNET18_TO_LAYER3 = FIXTURE / "resnet18_seed0_to_layer3.pth"
+# sha256 over (name, tensor bytes) of the shipped tensors, and of the whole seed-0 resnet18 they come from
+RESNET18_TO_LAYER3_TENSOR_SHA256 = "488f1216a69bda11e2d0ae7a752bb00334bc1f33c1e9a35e4ffdf9513861ae9b"
 RESNET18_SEED0_TENSOR_SHA256 = "31c7602f43fb64ce98a024d3c589367bd38ee241f60cd25ea800ff808d0dbf96"
 
 
@@ -43,15 +48,24 @@ def state_dict_sha256(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
-@pytest.fixture(scope="session")
-def resnet18_weights(tmp_path_factory) -> Path:
-    """resnet18 weights as the fixture's README prescribes (seed 0, weights=None), saved as a file."""
+def seed0_resnet18_state() -> dict[str, torch.Tensor]:
+    """resnet18(weights=None) after torch.manual_seed(0) on this platform (the RNG stream is not kept)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        state = torchvision.models.resnet18(weights=None).state_dict()
+        return torchvision.models.resnet18(weights=None).state_dict()
+
+
+@pytest.fixture(scope="session")
+def resnet18_weights(tmp_path_factory) -> Path:
+    """The fixture model's resnet18 weights as a full state_dict file: the shipped tensors up to layer3,
+    checked against their sha256; layer4 and fc, which no extractor cut at layer3 runs, from this
+    platform's seed-0 draw (only their shapes matter)."""
+    shipped = torch.load(RESNET18_TO_LAYER3, map_location="cpu", weights_only=True)
+    digest = state_dict_sha256(shipped)
+    assert digest == RESNET18_TO_LAYER3_TENSOR_SHA256, f"{RESNET18_TO_LAYER3} is damaged (tensor sha256 {digest})"
+    state = {**seed0_resnet18_state(), **shipped}
     path = tmp_path_factory.mktemp("weights") / "resnet18_seed0.pth"
     torch.save(state, path)
-    path.with_suffix(".sha256").write_text(state_dict_sha256(state))
     return path
 
 

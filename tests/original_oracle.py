@@ -120,6 +120,16 @@ def embed(features_by_layer, layers, patchsize, pretrain_dim, target_dim):
     return out.reshape(len(out), -1), ref
 
 
+def exact_distances(feats: np.ndarray, index, rows: np.ndarray) -> np.ndarray:
+    """The squared distances of the rows faiss found, summed in float64 and rounded to float32: this
+    transcription's one departure from the original, whose faiss distances carry the rounding of
+    |x|² + |y|² - 2 x·y (tests/bounds.py's formula_bound), which depends on the CPU's BLAS kernel.
+    Like this, our pipeline is compared with the original's without that blur."""
+    bank = np.asarray(index.reconstruct_n(0, index.ntotal), dtype=np.float64)  # (M, D)
+    diff = feats.astype(np.float64)[:, None, :] - bank[np.asarray(rows)]  # (N, k, D)
+    return (diff**2).sum(-1).astype(np.float32)  # (N, k)
+
+
 def predict(params: dict, index_path: Path, weights_path: Path, images: torch.Tensor):
     """Raw image scores (N,) and segmentations (N, H, W) of one original-format model."""
     layers = params["layers_to_extract_from"]
@@ -130,7 +140,8 @@ def predict(params: dict, index_path: Path, weights_path: Path, images: torch.Te
         feats, ref = embed(
             run(image[None]), layers, params["patchsize"], params["pretrain_embed_dimension"], params["target_embed_dimension"]
         )
-        dist, _ = index.search(feats.numpy(), params["anomaly_scorer_num_nn"])
+        _, rows = index.search(feats.numpy(), params["anomaly_scorer_num_nn"])
+        dist = exact_distances(feats.numpy(), index, rows)
         patch = np.mean(dist, axis=-1).reshape(1, ref[0], ref[1])
         scores.append(patch.reshape(-1).max())
         up = F.interpolate(torch.from_numpy(patch)[:, None], size=params["input_shape"][-2:], mode="bilinear", align_corners=False)
