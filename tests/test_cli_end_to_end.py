@@ -16,6 +16,8 @@ from patchcore_lightning.reporting import RESULTS_COLUMNS, read_results
 from . import original_oracle as oracle
 from .conftest import original_params, write_original_model
 
+pytestmark = pytest.mark.kernels  # repeated by .ci/run under other CPU kernels
+
 RESIZE, IMAGESIZE = 72, 64
 ROOT = Path(__file__).parent.parent
 

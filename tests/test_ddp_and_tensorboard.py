@@ -73,6 +73,7 @@ def _scalars(results_dir: Path) -> dict[str, float]:
     return scalars, tags
 
 
+@pytest.mark.kernels
 def test_two_processes_equal_one_and_tensorboard_holds_every_number(fitted, mvtec_root, resnet18_weights, tmp_path):
     _cli(mvtec_root, fitted, resnet18_weights, tmp_path / "one", "--trainer.devices", "1")
     proc = _cli(mvtec_root, fitted, resnet18_weights, tmp_path / "two", "--trainer.devices", "2", "--trainer.strategy", "ddp")

@@ -18,6 +18,8 @@ from patchcore_lightning.embedding import (
 
 from . import original_oracle as oracle
 
+pytestmark = pytest.mark.kernels  # repeated by .ci/run under other CPU kernels
+
 
 @pytest.mark.parametrize(
     "shapes, patchsize, pre, target",

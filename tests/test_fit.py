@@ -79,6 +79,7 @@ def test_fit_writes_the_original_format(fitted, mvtec_root, resnet18_weights):
     assert sidecar["n_train_images"] == 3 and len(sidecar["weights_sha256"]["resnet18"]) == 64
 
 
+@pytest.mark.kernels
 def test_fit_then_test_equals_test_without_model_paths(fitted, mvtec_root, resnet18_weights, tmp_path):
     folders = [fitted / "models" / "mvtec_alpha", fitted / "models" / "mvtec_beta"]
     main(["test", *_common(mvtec_root, resnet18_weights, tmp_path / "a"), "--model.model_paths", f"[{folders[0]},{folders[1]}]"])
@@ -160,6 +161,7 @@ def test_fit_of_several_categories_shows_lightnings_device_lines_once(mvtec_root
     assert (tmp_path / "models" / "mvtec_beta" / "nnscorer_search_index.faiss").is_file()
 
 
+@pytest.mark.kernels
 def test_fit_on_two_processes_builds_the_one_process_bank(mvtec_root, resnet18_weights, tmp_path):
     """Each process embeds its shard of the training images; the features are gathered in image order,
     so both processes subsample what one process would, and rank 0 writes the same folder."""

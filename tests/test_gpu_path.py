@@ -22,6 +22,7 @@ from .conftest import FIXTURE, fixture_args
 META = json.loads((FIXTURE / "original_metrics.json").read_text())
 
 
+@pytest.mark.kernels
 def test_the_torch_search_gives_the_faiss_searchs_numbers(resnet18_weights, tmp_path):
     """Both searches take their candidates by the float32 formula, whose last bits depend on the BLAS
     kernel (faiss's, MKL's, a GPU's), and compute the candidates' distances exactly (memory_bank): the
@@ -64,6 +65,7 @@ def test_the_datamodule_pins_memory_for_a_gpu():
     assert loader.pin_memory and len(loader.batch_sampler) == 2  # 32 a batch: 32 + 8
 
 
+@pytest.mark.kernels
 def test_fit_selects_what_the_coreset_selects_from_the_training_features(mvtec_root, resnet18_weights, tmp_path):
     """The features stay where the model runs and are subsampled there, with a CPU generator seeded by
     seed_everything: the bank is exactly the direct computation's selection (today's, on the CPU)."""

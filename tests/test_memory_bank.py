@@ -9,6 +9,8 @@ import torch
 from patchcore_lightning import memory_bank
 from patchcore_lightning.memory_bank import MemoryBank, exact_distances, torch_knn
 
+pytestmark = pytest.mark.kernels  # repeated by .ci/run under other CPU kernels
+
 
 # The bank's distances are rounded once from float64 sums (memory_bank.exact_distances), so each is
 # within half a float32 ulp of the exact value: |d - exact| <= 2^-24 |exact| (the float64 sum's own

@@ -27,6 +27,8 @@ from .conftest import (
     state_dict_sha256,
 )
 
+pytestmark = pytest.mark.kernels  # repeated by .ci/run under other CPU kernels
+
 ORIGINAL = np.load(FIXTURE / "original_outputs.npz")
 META = json.loads((FIXTURE / "original_metrics.json").read_text())
 BANK_FILE = FIXTURE / "model" / "nnscorer_search_index.faiss"

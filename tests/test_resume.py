@@ -33,6 +33,7 @@ def _args(root, weights, results_dir, *extra) -> list[str]:
     ]
 
 
+@pytest.mark.kernels
 def test_sigterm_between_categories_then_resume(tmp_path, resnet18_weights):
     root = make_mvtec_tree(tmp_path / "data", categories=("c1", "c2", "c3"), size=96, n_good=4, n_per_defect=3)
     main(_args(root, resnet18_weights, tmp_path / "full"))
