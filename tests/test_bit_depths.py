@@ -26,9 +26,9 @@ from .conftest import FIXTURE
 EVERY_16_BIT = np.arange(65536, dtype=np.uint16).reshape(256, 256)  # (256, 256): every 16-bit value once
 
 
-def write_png(path: Path, samples: np.ndarray) -> Path:
+def write_png(path: Path, samples: np.ndarray, transparent: tuple[int, ...] | None = None) -> Path:
     """A PNG of 16-bit samples (H, W) gray, (H, W, 2) gray+alpha, (H, W, 3) RGB or (H, W, 4) RGBA,
-    written by hand (PIL writes no 16-bit colour PNG)."""
+    written by hand (PIL writes no 16-bit colour PNG), with a transparent colour if given."""
     channels = samples.shape[2] if samples.ndim == 3 else 1
     colour_type = {1: 0, 2: 4, 3: 2, 4: 6}[channels]  # gray, gray+alpha, RGB, RGBA
     h, w = samples.shape[:2]
@@ -39,7 +39,8 @@ def write_png(path: Path, samples: np.ndarray) -> Path:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     header = struct.pack(">IIBBBBB", w, h, 16, colour_type, 0, 0, 0)
-    path.write_bytes(png.SIGNATURE + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    trns = chunk(b"tRNS", struct.pack(f">{len(transparent)}H", *transparent)) if transparent else b""
+    path.write_bytes(png.SIGNATURE + chunk(b"IHDR", header) + trns + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
     return path
 
 
@@ -128,12 +129,18 @@ def test_libspng_decodes_16_bit_gray_and_rgb_pngs_and_declines_the_rest(tmp_path
     alpha = EVERY_16_BIT[..., None]
     files["ga.png"] = (write_png(tmp_path / "ga.png", np.concatenate([EVERY_16_BIT[..., None], alpha], -1)), None)
     files["rgba.png"] = (write_png(tmp_path / "rgba.png", np.concatenate([_every_16_bit_rgb(), alpha], -1)), None)
+    files["rgb_trns.png"] = (write_png(tmp_path / "rgb_trns.png", _every_16_bit_rgb(), (1, 65534, 53191)), None)
+    files["gray_trns.png"] = (write_png(tmp_path / "gray_trns.png", EVERY_16_BIT, (300,)), None)
+    colour = {"ga.png": np.repeat(EVERY_16_BIT[..., None], 3, -1), "rgba.png": _every_16_bit_rgb(),
+              "rgb_trns.png": _every_16_bit_rgb(), "gray_trns.png": np.repeat(EVERY_16_BIT[..., None], 3, -1)}
+    libspng = {("gray.png", "RGB"), ("rgb.png", "RGB"), ("rgb_trns.png", "RGB"), ("gray_trns.png", "RGB")}
     for name, (path, _) in files.items():
         for mode in ("RGB", "L"):
             calls.clear()
-            decode_image(path, mode)
-            expected = ["RGB"] if (name, mode) in {("gray.png", "RGB"), ("rgb.png", "RGB")} else []
-            assert calls == expected, (name, mode)
+            decoded = np.asarray(decode_image(path, mode))
+            assert calls == (["RGB"] if (name, mode) in libspng else []), (name, mode)
+            if name in colour and mode == "RGB":  # alpha and the transparent colour dropped, top 8 bits kept
+                np.testing.assert_array_equal(decoded, (colour[name] >> 8).astype(np.uint8), err_msg=name)
     # a damaged 16-bit PNG is not libspng's: PIL refuses it
     path = files["rgb.png"][0]
     data = bytearray(path.read_bytes())
