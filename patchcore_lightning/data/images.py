@@ -69,7 +69,9 @@ def images_in(folder: Path) -> list[Path]:
 
 
 # Modes whose samples are 8 bits (or fewer) as PIL holds them: converted by PIL, as the original.
-_EIGHT_BIT_MODES = frozenset({"1", "L", "P", "LA", "PA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
+_EIGHT_BIT_MODES = frozenset(
+    {"1", "L", "P", "LA", "PA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"}
+)
 
 
 def _tag(img: Image.Image, tag: int, default: int) -> int:
@@ -120,7 +122,8 @@ def _to_eight_bits(img: Image.Image) -> Image.Image:
         low, high = float(samples.min()), float(samples.max())
         if low < 0.0 or high > 1.0:
             raise ValueError(
-                f"float samples in [{low:g}, {high:g}]: expected [0, 1] (scale the image to [0, 1], or save it as 8 or 16-bit integers)"
+                f"float samples in [{low:g}, {high:g}]: expected [0, 1] "
+                f"(scale the image to [0, 1], or save it as 8 or 16-bit integers)"
             )
         return Image.fromarray(np.rint(samples.astype(np.float64) * 255).astype(np.uint8))  # (H, W) L
     if img.mode == "I" or img.mode.startswith("I;16"):
