@@ -1,6 +1,7 @@
 """What a run leaves behind: results.csv, thresholds.csv and their resume state, predictions.csv,
 and the pictures (heatmaps over images, overlay strips, ROC curves) the callbacks write. Files are
-written atomically (a temporary file, then a rename): a reader never sees half a table."""
+written atomically (a temporary file, then a rename): a reader never sees half a table; each gets
+the mode a plain ``open(path, "w")`` gives it (an existing file's, else 0o666 less the umask)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
-import tempfile
+import secrets
+import stat
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -43,9 +46,31 @@ RUN_STATE_FILE = "results_config.json"
 RESULTS_COLUMNS = METRIC_NAMES
 
 
+def _temporary_beside(path: Path) -> tuple[int, Path]:
+    """A new file beside ``path``, opened for writing, with the mode ``open(path, "w")`` would give
+    ``path``: its own where it exists, else 0o666 less the umask (the kernel applies it, as for
+    ``open``; ``tempfile.mkstemp`` would make it 0o600, unreadable to anyone else)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        try:
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:
+            pass
+        except BaseException:
+            os.close(fd)
+            tmp.unlink(missing_ok=True)
+            raise
+        return fd, tmp
+    raise FileExistsError(f"no free temporary name beside {path}")
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = _temporary_beside(path)
     try:
         with os.fdopen(fd, "w", newline="") as handle:
             handle.write(text)
@@ -58,8 +83,13 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def mean_row(rows: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
-    """The ``mean`` row: each metric averaged over the datasets (NaN if any dataset's is NaN)."""
-    return {c: float(np.mean([float(m[c]) for m in rows.values()])) for c in RESULTS_COLUMNS}
+    """The ``mean`` row: each metric averaged over the datasets that have it (NaN is left out: the
+    pixel columns of a category without masks), NaN where none has it."""
+    means = {}
+    for c in RESULTS_COLUMNS:
+        values = [float(m[c]) for m in rows.values() if not math.isnan(float(m[c]))]
+        means[c] = float(np.mean(values)) if values else math.nan
+    return means
 
 
 def _write_table(path: Path, columns: Sequence[str], rows: Mapping[str, Mapping[str, float]], mean: bool) -> None:

@@ -21,18 +21,27 @@ def plain_geometry(resize: int, imagesize: int) -> transforms.Compose:
     return transforms.Compose([transforms.Resize(resize), transforms.CenterCrop(imagesize)])
 
 
+def eight_bit(img: Image.Image) -> Image.Image:
+    """16-bit gray reduced to the top 8 bits of its samples (where the original's convert clips it
+    to white); every other mode as it is."""
+    return Image.fromarray((np.asarray(img) >> 8).astype(np.uint8)) if img.mode == "I;16" else img
+
+
 def plain_image(path: Path, resize: int, imagesize: int) -> torch.Tensor:
     """The original's image: open, convert("RGB"), Resize, CenterCrop, ToTensor, Normalize. (3, S, S)"""
     t = transforms.Compose(
         [plain_geometry(resize, imagesize), transforms.ToTensor(), transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     )
     with Image.open(path) as img:
-        return t(img.convert("RGB"))
+        return t(eight_bit(img).convert("RGB"))
 
 
 def plain_mask(path: Path, resize: int, imagesize: int) -> torch.Tensor:
-    """The original's mask times 255: open, convert("L"), Resize, CenterCrop. (S, S) uint8"""
+    """The original's mask times 255: open, convert("L"), Resize, CenterCrop; a 16-bit gray mask
+    255 where non-zero first (the original's convert clips it). (S, S) uint8"""
     with Image.open(path) as img:
+        if img.mode == "I;16":
+            img = Image.fromarray(np.where(np.asarray(img) != 0, 255, 0).astype(np.uint8))
         return torch.from_numpy(np.asarray(plain_geometry(resize, imagesize)(img.convert("L")), dtype=np.uint8).copy())
 
 
@@ -97,7 +106,7 @@ def test_items_equal_the_plain_chain_in_every_mode(tmp_path, h, w, resize, image
         assert torch.equal(mask, plain_mask(sample.mask, resize, imagesize)), sample.mask.name
         assert image.is_contiguous() and image.dtype == torch.float32 and mask.dtype == torch.uint8
         with Image.open(sample.image) as img:
-            shown = np.asarray(plain_geometry(resize, imagesize)(img.convert("RGB")))
+            shown = np.asarray(plain_geometry(resize, imagesize)(eight_bit(img).convert("RGB")))
         np.testing.assert_array_equal(to_display(image).numpy(), shown)
 
 
@@ -116,7 +125,7 @@ def test_folder_items_equal_the_plain_chain_in_every_format(tmp_path, h, w, resi
         assert (index, reason) == (i, "")
         assert torch.equal(image, plain_image(path, resize, imagesize)), path.name
         with Image.open(path) as img:
-            shown = np.asarray(plain_geometry(resize, imagesize)(img.convert("RGB")))
+            shown = np.asarray(plain_geometry(resize, imagesize)(eight_bit(img).convert("RGB")))
         np.testing.assert_array_equal(to_display(image).numpy(), shown)
 
 
@@ -161,9 +170,9 @@ def test_plain_pngs_are_decoded_by_libspng_to_pils_pixels(tmp_path, monkeypatch)
             decoded.clear()
             ours = decode_image(path, mode)
             with Image.open(path) as img:
-                expected = img.convert(mode)
+                expected = eight_bit(img).convert(mode)
             assert ours.mode == mode and np.array_equal(np.asarray(ours), np.asarray(expected)), (name, mode)
-            plain = (name, mode) in {("rgb", "RGB"), ("rgb_trns", "RGB"), ("l", "L")}
+            plain = (name, mode) in {("rgb", "RGB"), ("rgb_trns", "RGB"), ("l", "L"), ("i16", "RGB")}
             assert decoded == ([mode] if plain else []), (name, mode)
 
 
