@@ -7,6 +7,8 @@ in one line. The work itself is the module's; the files are the callbacks'.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import os
 import re
@@ -14,12 +16,12 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
@@ -31,7 +33,7 @@ from .data.images import DataError
 from .metrics import METRIC_NAMES, THRESHOLD_NAMES
 from .model_io import SIDECAR_FILE, ModelFormatError, check_model_folder
 from .module import PatchCoreModule, frozen_model_strategy
-from .reporting import category_fingerprint, mean_row, read_run_state, write_run_state
+from .reporting import category_fingerprint, mean_row, read_results, read_run_state, write_run_state
 
 __all__ = ["PatchCoreCLI", "main"]
 
@@ -49,11 +51,27 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
+def _interruptible(subcommand: Callable) -> Callable:
+    """A subcommand that, interrupted (a KeyboardInterrupt, also as ``_run_loop`` raises it), raises
+    ``_RunInterrupted`` with the line that says what the run leaves and how to go on."""
+
+    @functools.wraps(subcommand)
+    def run(self: PatchCoreCLI, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return subcommand(self, *args, **kwargs)
+        except KeyboardInterrupt:
+            signum = _SIGNALS.received or signal.SIGINT
+            raise _RunInterrupted(signum, self._interrupted_line(signum)) from None
+
+    return run
+
+
 class PatchCoreCLI(LightningCLI):
     """LightningCLI over PatchCoreModule and AnomalyDataModule, with ``results_dir`` and ``resume``."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         self._logger: TensorBoardLogger | None = None
+        self._at = ""  # the category being worked on, for the line of an interrupted run
         super().__init__(
             PatchCoreModule,
             AnomalyDataModule,
@@ -101,6 +119,7 @@ class PatchCoreCLI(LightningCLI):
                 ModelFolderWriter(results_dir)]
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
             ours.append(CategoryProgressBar())
+        ours.append(_StopOnSignal())
         kwargs.setdefault("callbacks", [*given, *ours])
         strategy = frozen_model_strategy(kwargs.get("strategy", config.get("strategy")))
         if strategy is not None:
@@ -108,6 +127,7 @@ class PatchCoreCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     # ------------------------------------------------------------------ the subcommands
+    @_interruptible
     def fit(
         self,
         model: PatchCoreModule,
@@ -126,11 +146,14 @@ class PatchCoreCLI(LightningCLI):
         folders = []
         for i, category in enumerate(todo):
             datamodule.select(category)
+            self._at = f"{datamodule.dataset_name} ({i + 1}/{len(todo)})"
             log.info("Building memory bank for [%s] (%d/%d)...", datamodule.dataset_name, i + 1, len(todo))
-            self.instantiate_trainer().fit(model, datamodule=datamodule)  # a fresh fit loop per category
+            trainer = self.instantiate_trainer()  # a fresh fit loop per category
+            _run_loop(trainer, trainer.fit, model, datamodule=datamodule)
             folders.append(ModelFolderWriter(self.results_dir).folder(datamodule.dataset_name))
         return folders
 
+    @_interruptible
     def test(
         self,
         model: PatchCoreModule,
@@ -180,9 +203,10 @@ class PatchCoreCLI(LightningCLI):
                 if self.trainer.is_global_zero:
                     log.info("Skipping dataset [%s] (%d/%d): already in results.csv (--resume)", name, i + 1, len(folders))
                 continue
+            self._at = f"{name} ({i + 1}/{len(folders)})"
             if self.trainer.is_global_zero:
                 log.info("Evaluating dataset [%s] (%d/%d)...", name, i + 1, len(folders))
-            self.trainer.test(model, datamodule=datamodule, verbose=False)
+            _run_loop(self.trainer, self.trainer.test, model, datamodule=datamodule, verbose=False)
             rows[name] = {k: model.result[k] for k in METRIC_NAMES + THRESHOLD_NAMES}
             if self.trainer.is_global_zero:
                 for k in METRIC_NAMES:
@@ -198,6 +222,7 @@ class PatchCoreCLI(LightningCLI):
                     print(f"WARNING: {', '.join(random)} ran with RANDOM weights: these are not ImageNet PatchCore numbers")
         return rows
 
+    @_interruptible
     def predict(
         self,
         model: PatchCoreModule,
@@ -209,7 +234,7 @@ class PatchCoreCLI(LightningCLI):
         """Score every image under ``data.predict_dir``: predictions.csv, skipped.csv, heatmaps/."""
         _refuse_checkpoint(ckpt_path)
         _check_writable(self.results_dir)
-        self.trainer.predict(model, datamodule=datamodule, return_predictions=False)
+        _run_loop(self.trainer, self.trainer.predict, model, datamodule=datamodule, return_predictions=False)
 
     # ------------------------------------------------------------------ helpers
     def _fitted_model_paths(self, model: PatchCoreModule, datamodule: AnomalyDataModule) -> list[str]:
@@ -257,6 +282,30 @@ class PatchCoreCLI(LightningCLI):
         if problems:
             raise RunCheckError(f"{len(problems)} problem(s) found before any work, nothing was run: " + "; ".join(problems))
 
+    def _interrupted_line(self, signum: int) -> str:
+        """What the interrupted subcommand leaves in results_dir, and how to go on from there."""
+        command = self.subcommand
+        where = f" in {self._at}" if self._at else ""
+        head = f"interrupted by {signal.Signals(signum).name}{where}"
+        results = self.results_dir / "results.csv"
+        datamodule = self.datamodule
+        if command == "predict":
+            return (f"{head}: predictions.csv and skipped.csv are written once every image is scored, so there are none; "
+                    f"rerun the command")
+        models = ModelFolderWriter(self.results_dir)
+        built = [c for c in datamodule.categories if (models.folder(datamodule.dataset_name_of(c)) / SIDECAR_FILE).is_file()]
+        if command == "fit":
+            rest = [c for c in datamodule.categories if c not in built]
+            return (f"{head}: {self.results_dir / 'models'} holds the finished models of "
+                    f"{_names(datamodule.dataset_name_of(c) for c in built)}; build the rest with "
+                    f"--data.categories '{json.dumps(rest)}'")
+        try:
+            held = [name for name in read_results(results) if name != "mean"]
+        except (OSError, ValueError, KeyError):
+            held = []
+        return (f"{head}: {results} holds {_names(held)} ({len(held)} of {len(datamodule.categories)} categories); "
+                f"rerun the same command with --resume true to compute the rest")
+
     def _log_run(self, model: PatchCoreModule, datamodule: AnomalyDataModule, rows: dict[str, dict[str, float]]) -> None:
         """The run's summary for every logger: ``test/mean/<metric>``, and the configuration as
         hyperparameters with the mean instance AUROC as ``hp_metric``."""
@@ -286,6 +335,74 @@ class PatchCoreCLI(LightningCLI):
             logger.log_metrics({f"test/mean/{k}": v for k, v in means.items()}, step=len(rows))
             logger.log_hyperparams(hparams, metrics={"hp_metric": means["instance_auroc"]})
             logger.save()
+
+
+def _names(names) -> str:
+    names = list(names)
+    return ", ".join(names) if names else "none"
+
+
+class _Signals:
+    """SIGINT and SIGTERM during a run: the first one received is kept (the exit code says which),
+    and each raises KeyboardInterrupt where the main thread is. A KeyboardInterrupt can be lost (one
+    raised inside a finaliser or a fork hook, as when DataLoader workers start, is only printed as
+    "Exception ignored in ..."); the kept signal is not: ``_run_loop`` and ``_StopOnSignal`` check it."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        self.received = None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is None:
+            self.received = signum
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+_SIGNALS = _Signals()
+
+
+class _RunInterrupted(Exception):
+    """A run ended by SIGINT or SIGTERM (``signum``); ``line`` says what it leaves and how to go on."""
+
+    def __init__(self, signum: int, line: str) -> None:
+        super().__init__(line)
+        self.signum, self.line = signum, line
+
+
+class _StopOnSignal(Callback):
+    """Ends the loop at the next batch once a signal was received, should its KeyboardInterrupt have been lost."""
+
+    def _check(self, *args: Any) -> None:
+        if _SIGNALS.received is not None:
+            raise KeyboardInterrupt(signal.Signals(_SIGNALS.received).name)
+
+    on_train_batch_start = on_test_batch_start = on_predict_batch_start = _check
+
+
+def _run_loop(trainer: L.Trainer, loop, *args: Any, **kwargs: Any) -> Any:
+    """``loop(*args, **kwargs)`` (``trainer.fit`` / ``test`` / ``predict``), raising KeyboardInterrupt
+    when it was interrupted. Lightning catches a KeyboardInterrupt, shuts the loop down and exits 1
+    (``SystemExit``); a loop may also return with ``trainer.interrupted`` set, or finish although a
+    signal arrived (its KeyboardInterrupt lost): each ends the run here."""
+    try:
+        out = loop(*args, **kwargs)
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+        raise KeyboardInterrupt from None
+    if trainer.interrupted or _SIGNALS.received is not None:
+        raise KeyboardInterrupt
+    return out
 
 
 def _model_path(paths: list[str], index: int, n_categories: int) -> str:
@@ -371,10 +488,6 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 class _RepeatedLightningLines(logging.Filter):
     """Lightning's lines that a multi-category run would repeat: its accelerator lines are shown for
     the first Trainer only (fit builds one per category), its "💡 Tip" advertisement never."""
@@ -408,8 +521,9 @@ def main(args: list[str] | None = None) -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends the run like Ctrl+C: files stay whole
+    watch = threading.current_thread() is threading.main_thread()
+    if watch:  # SIGINT and SIGTERM end the run alike: files stay whole, the exit code says which (130, 143)
+        _SIGNALS.install()
     try:
         PatchCoreCLI(args=args)
     except _USER_ERRORS as err:
@@ -417,6 +531,13 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"error: {_one_line(err)}  (PATCHCORE_DEBUG=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: results.csv holds the finished categories; rerun with --resume true", file=sys.stderr)
-        sys.exit(130)
+    except _RunInterrupted as stop:
+        print(stop.line, file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    except KeyboardInterrupt:  # while the configuration is read and the objects built: before any work
+        signum = _SIGNALS.received or signal.SIGINT
+        print(f"interrupted by {signal.Signals(signum).name} before any work: nothing was run", file=sys.stderr)
+        sys.exit(128 + signum)
+    finally:
+        if watch:
+            _SIGNALS.restore()
