@@ -7,6 +7,7 @@ in one line. The work itself is the module's; the files are the callbacks'.
 
 from __future__ import annotations
 
+import difflib
 import functools
 import json
 import logging
@@ -18,7 +19,7 @@ import tempfile
 import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback, ProgressBar
@@ -51,6 +52,114 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
+# Trainer options that do not apply to a tool that trains nothing and runs each loop once over every
+# image: not offered by --help, and an error naming them when given. The settings this tool needs
+# instead are fixed (``_FIXED_TRAINER_SETTINGS``).
+_UNUSED_TRAINER_OPTIONS = frozenset({
+    "accumulate_grad_batches", "barebones", "check_val_every_n_epoch", "detect_anomaly", "enable_checkpointing",
+    "fast_dev_run", "gradient_clip_algorithm", "gradient_clip_val", "inference_mode", "limit_predict_batches",
+    "limit_test_batches", "limit_train_batches", "limit_val_batches", "log_every_n_steps", "max_epochs", "max_steps",
+    "max_time", "min_epochs", "min_steps", "model_registry", "num_sanity_val_steps", "overfit_batches",
+    "reload_dataloaders_every_n_epochs", "sync_batchnorm", "use_distributed_sampler", "val_check_interval",
+})
+_FIXED_TRAINER_SETTINGS = {k: v for k, v in TRAINER_DEFAULTS.items() if k in _UNUSED_TRAINER_OPTIONS}
+
+
+class PatchCoreTrainer(L.Trainer):
+    """Lightning's Trainer with the three loops this tool runs, described in its terms (the
+    descriptions are the CLI's subcommand help)."""
+
+    def fit(self, model: L.LightningModule, datamodule: L.LightningDataModule | None = None) -> None:
+        """Build each category's memory bank from its train images (one pass) and write its model folder."""
+        super().fit(model, datamodule=datamodule)
+
+    def test(self, model: L.LightningModule, datamodule: L.LightningDataModule | None = None, verbose: bool = True) -> Any:
+        """Evaluate each category with its model folder (built first where model_paths is null): results.csv."""
+        return super().test(model, datamodule=datamodule, verbose=verbose)
+
+    def predict(
+        self, model: L.LightningModule, datamodule: L.LightningDataModule | None = None, return_predictions: bool | None = None
+    ) -> Any:
+        """Score every image under data.predict_dir with one model folder: predictions.csv, heatmaps."""
+        return super().predict(model, datamodule=datamodule, return_predictions=return_predictions)
+
+
+class _OneLineErrorParser(LightningArgumentParser):
+    """A bad command line ends in one line that names the key, the value and what was expected (the
+    closest valid key for an unknown one), instead of the usage dump; ``--help`` is unchanged."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):  # parsing inside jsonargparse
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        try:
+            keys = list(parser.get_defaults().keys())
+        except Exception:  # a parser whose defaults cannot be built: no suggestions
+            keys = []
+        sys.stderr.write(f"error: {argument_error_line(message, keys)}  (--help lists the options)\n")
+        self.exit(2)
+
+
+def _closest(word: str, candidates: Sequence[str]) -> str | None:
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _type_names(text: str) -> str:
+    """``[<class 'int'>, <class 'NoneType'>]`` as ``int or null``."""
+    names = re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", text).replace("NoneType", "null").strip("[]")
+    return " or ".join(n.strip() for n in names.split(","))
+
+
+def argument_error_line(message: str, keys: Sequence[str]) -> str:
+    """jsonargparse's (multi-line) message about a bad argument as one line: the key, the value, what
+    was expected; for an unknown key the closest of ``keys`` (the valid ones, dotted)."""
+    text = " ".join(line.strip() for line in message.strip().splitlines())
+    unknown = re.match(r"unrecognized arguments: (.*)", text)
+    in_config = re.search(r"does not accept option '([^']+)'", text)  # a config file's key
+    if unknown or in_config:
+        tokens = unknown.group(1).split() if unknown else [f"--{in_config.group(1)}"]
+        parts = []
+        for token in tokens:
+            if not token.startswith("--"):
+                continue
+            key = token[2:].split("=", 1)[0]
+            if key.startswith("trainer.") and key[len("trainer."):] in _UNUSED_TRAINER_OPTIONS:
+                parts.append(f"--{key} is a Lightning Trainer option this tool does not use (it trains nothing and "
+                             f"runs each loop once over every image)")
+                continue
+            near = _closest(key, keys)
+            parts.append(f"unknown option --{key}" + (f" (did you mean --{near}?)" if near else ""))
+        return "; ".join(parts) or text
+    choice = re.match(r"argument subcommand: invalid choice: '([^']*)' \(choose from (.*)\)", text)
+    if choice:
+        given, commands = choice.group(1), choice.group(2).replace("'", "")
+        line = f"{given!r} is not a command of this tool; the commands are {commands}"
+        if given == "validate":
+            line += (": thresholds come from test (thresholds.csv) or from predict on held-back images "
+                     "(README, Thresholds for deployment)")
+        return line
+    keyed = re.match(r'Parser key "([^"]+)":\s*(.*)', text)
+    if not keyed:
+        return text
+    key, detail = keyed.groups()
+    value = re.search(r"(?:Got value|Given value): (.*)$", detail)
+    given = value.group(1).strip() if value else None
+    literal = re.search(r"Expected a typing\.Literal\[(.*?)\]\. Got value", detail)
+    if literal and given is not None:
+        choices = [c.strip().strip("'\"") for c in literal.group(1).split(",")]
+        near = _closest(given, choices)
+        return (f"--{key}: unknown value {given!r}; choose one of {', '.join(choices)}"
+                + (f" (did you mean {near}?)" if near else ""))
+    if given is not None and ("Expected a <class 'list'>" in detail) and not given.lstrip().startswith("["):
+        return f"--{key}: {given!r} is not a list; write a list in brackets: --{key} '[{given}]'"
+    if given is not None:
+        expected = re.search(r"Subtypes: (\[.*?\]) Errors", detail) or re.search(r"Expected a (.*?)\. Got value", detail)
+        what = f"; expected {_type_names(expected.group(1))}" if expected else ""
+        return f"--{key}: invalid value {given!r}{what}"
+    return f"--{key}: {detail}"
+
+
 def _interruptible(subcommand: Callable) -> Callable:
     """A subcommand that, interrupted (a KeyboardInterrupt, also as ``_run_loop`` raises it), raises
     ``_RunInterrupted`` with the line that says what the run leaves and how to go on."""
@@ -76,7 +185,10 @@ class PatchCoreCLI(LightningCLI):
             PatchCoreModule,
             AnomalyDataModule,
             seed_everything_default=0,
+            trainer_class=PatchCoreTrainer,
             trainer_defaults=TRAINER_DEFAULTS,
+            parser_class=_OneLineErrorParser,
+            auto_configure_optimizers=False,  # nothing is trained: no --optimizer, --lr_scheduler
             save_config_callback=None,
             args=args,
             run=run,
@@ -96,6 +208,22 @@ class PatchCoreCLI(LightningCLI):
             help="Keep the categories results_dir/results.csv already holds when they were computed with "
             "the same models, data and settings (results_config.json); refuse to mix otherwise.",
         )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, test and predict (no validate: there is nothing to validate during a one-pass fit), and
+        the arguments of each that the CLI fills in itself."""
+        return {"fit": {"model", "datamodule"}, "test": {"model", "datamodule"},
+                "predict": {"model", "datamodule", "return_predictions"}}
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Lightning's core arguments, without the Trainer options this tool does not use."""
+        parser.add_class_arguments(self.trainer_class, "trainer", fail_untyped=False, instantiate=False,
+                                   sub_configs=True, skip=set(_UNUSED_TRAINER_OPTIONS))
+        parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items()
+                             if k != "callbacks" and k not in _UNUSED_TRAINER_OPTIONS})
+        parser.add_lightning_class_args(PatchCoreModule, "model")
+        parser.add_lightning_class_args(AnomalyDataModule, "data")
 
     def _config(self, config) -> Any:
         return config[self.subcommand] if self.subcommand else config
@@ -120,6 +248,7 @@ class PatchCoreCLI(LightningCLI):
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
             ours.append(CategoryProgressBar())
         ours.append(_StopOnSignal())
+        kwargs = {**_FIXED_TRAINER_SETTINGS, **kwargs}  # the settings of the options --help does not offer
         kwargs.setdefault("callbacks", [*given, *ours])
         strategy = frozen_model_strategy(kwargs.get("strategy", config.get("strategy")))
         if strategy is not None:
