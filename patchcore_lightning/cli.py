@@ -96,7 +96,7 @@ class _OneLineErrorParser(LightningArgumentParser):
             keys = list(parser.get_defaults().keys())
         except Exception:  # a parser whose defaults cannot be built: no suggestions
             keys = []
-        sys.stderr.write(f"error: {argument_error_line(message, keys)}  (--help lists the options)\n")
+        sys.stderr.write(f"error: {_argument_error_line(message, keys)}  (--help lists the options)\n")
         self.exit(2)
 
 
@@ -111,7 +111,7 @@ def _type_names(text: str) -> str:
     return " or ".join(n.strip() for n in names.split(","))
 
 
-def argument_error_line(message: str, keys: Sequence[str]) -> str:
+def _argument_error_line(message: str, keys: Sequence[str]) -> str:
     """jsonargparse's (multi-line) message about a bad argument as one line: the key, the value, what
     was expected; for an unknown key the closest of ``keys`` (the valid ones, dotted)."""
     text = " ".join(line.strip() for line in message.strip().splitlines())
