@@ -7,6 +7,9 @@ in one line. The work itself is the module's; the files are the callbacks'.
 
 from __future__ import annotations
 
+import difflib
+import functools
+import json
 import logging
 import os
 import re
@@ -14,22 +17,24 @@ import signal
 import sys
 import tempfile
 import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning as L
-from lightning.pytorch.callbacks import ProgressBar
+from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
 
-from .backbones import WeightsError
+from .backbones import BACKBONES, WeightsError
 from .callbacks import CategoryProgressBar, ModelFolderWriter, PredictionWriter, SegmentationImages, TensorBoardReport
+from .data.checks import check_split
 from .data.datamodule import AnomalyDataModule
 from .data.images import DataError
 from .metrics import METRIC_NAMES, THRESHOLD_NAMES
-from .model_io import SIDECAR_FILE, ModelFormatError
+from .model_io import SIDECAR_FILE, ModelFormatError, check_model_folder
 from .module import PatchCoreModule, frozen_model_strategy
-from .reporting import category_fingerprint, mean_row, read_run_state, write_run_state
+from .reporting import category_fingerprint, mean_row, read_results, read_run_state, write_run_state
 
 __all__ = ["PatchCoreCLI", "main"]
 
@@ -47,16 +52,143 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
+# Trainer options that do not apply to a tool that trains nothing and runs each loop once over every
+# image: not offered by --help, and an error naming them when given. The settings this tool needs
+# instead are fixed (``_FIXED_TRAINER_SETTINGS``).
+_UNUSED_TRAINER_OPTIONS = frozenset({
+    "accumulate_grad_batches", "barebones", "check_val_every_n_epoch", "detect_anomaly", "enable_checkpointing",
+    "fast_dev_run", "gradient_clip_algorithm", "gradient_clip_val", "inference_mode", "limit_predict_batches",
+    "limit_test_batches", "limit_train_batches", "limit_val_batches", "log_every_n_steps", "max_epochs", "max_steps",
+    "max_time", "min_epochs", "min_steps", "model_registry", "num_sanity_val_steps", "overfit_batches",
+    "reload_dataloaders_every_n_epochs", "sync_batchnorm", "use_distributed_sampler", "val_check_interval",
+})
+_FIXED_TRAINER_SETTINGS = {k: v for k, v in TRAINER_DEFAULTS.items() if k in _UNUSED_TRAINER_OPTIONS}
+
+
+class PatchCoreTrainer(L.Trainer):
+    """Lightning's Trainer with the three loops this tool runs, described in its terms (the
+    descriptions are the CLI's subcommand help)."""
+
+    def fit(self, model: L.LightningModule, datamodule: L.LightningDataModule | None = None) -> None:
+        """Build each category's memory bank from its train images (one pass) and write its model folder."""
+        super().fit(model, datamodule=datamodule)
+
+    def test(self, model: L.LightningModule, datamodule: L.LightningDataModule | None = None, verbose: bool = True) -> Any:
+        """Evaluate each category with its model folder (built first where model_paths is null): results.csv."""
+        return super().test(model, datamodule=datamodule, verbose=verbose)
+
+    def predict(
+        self, model: L.LightningModule, datamodule: L.LightningDataModule | None = None, return_predictions: bool | None = None
+    ) -> Any:
+        """Score every image under data.predict_dir with one model folder: predictions.csv, heatmaps."""
+        return super().predict(model, datamodule=datamodule, return_predictions=return_predictions)
+
+
+class _OneLineErrorParser(LightningArgumentParser):
+    """A bad command line ends in one line that names the key, the value and what was expected (the
+    closest valid key for an unknown one), instead of the usage dump; ``--help`` is unchanged."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):  # parsing inside jsonargparse
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        try:
+            keys = list(parser.get_defaults().keys())
+        except Exception:  # a parser whose defaults cannot be built: no suggestions
+            keys = []
+        sys.stderr.write(f"error: {_argument_error_line(message, keys)}  (--help lists the options)\n")
+        self.exit(2)
+
+
+def _closest(word: str, candidates: Sequence[str]) -> str | None:
+    match = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _type_names(text: str) -> str:
+    """``[<class 'int'>, <class 'NoneType'>]`` as ``int or null``."""
+    names = re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", text).replace("NoneType", "null").strip("[]")
+    return " or ".join(n.strip() for n in names.split(","))
+
+
+def _argument_error_line(message: str, keys: Sequence[str]) -> str:
+    """jsonargparse's (multi-line) message about a bad argument as one line: the key, the value, what
+    was expected; for an unknown key the closest of ``keys`` (the valid ones, dotted)."""
+    text = " ".join(line.strip() for line in message.strip().splitlines())
+    unknown = re.match(r"unrecognized arguments: (.*)", text)
+    in_config = re.search(r"does not accept option '([^']+)'", text)  # a config file's key
+    if unknown or in_config:
+        tokens = unknown.group(1).split() if unknown else [f"--{in_config.group(1)}"]
+        parts = []
+        for token in tokens:
+            if not token.startswith("--"):
+                continue
+            key = token[2:].split("=", 1)[0]
+            if key.startswith("trainer.") and key[len("trainer."):] in _UNUSED_TRAINER_OPTIONS:
+                parts.append(f"--{key} is a Lightning Trainer option this tool does not use (it trains nothing and "
+                             f"runs each loop once over every image)")
+                continue
+            near = _closest(key, keys)
+            parts.append(f"unknown option --{key}" + (f" (did you mean --{near}?)" if near else ""))
+        return "; ".join(parts) or text
+    choice = re.match(r"argument subcommand: invalid choice: '([^']*)' \(choose from (.*)\)", text)
+    if choice:
+        given, commands = choice.group(1), choice.group(2).replace("'", "")
+        line = f"{given!r} is not a command of this tool; the commands are {commands}"
+        if given == "validate":
+            line += (": thresholds come from test (thresholds.csv) or from predict on held-back images "
+                     "(README, Thresholds for deployment)")
+        return line
+    keyed = re.match(r'Parser key "([^"]+)":\s*(.*)', text)
+    if not keyed:
+        return text
+    key, detail = keyed.groups()
+    value = re.search(r"(?:Got value|Given value): (.*)$", detail)
+    given = value.group(1).strip() if value else None
+    literal = re.search(r"Expected a typing\.Literal\[(.*?)\]\. Got value", detail)
+    if literal and given is not None:
+        choices = [c.strip().strip("'\"") for c in literal.group(1).split(",")]
+        near = _closest(given, choices)
+        return (f"--{key}: unknown value {given!r}; choose one of {', '.join(choices)}"
+                + (f" (did you mean {near}?)" if near else ""))
+    if given is not None and ("Expected a <class 'list'>" in detail) and not given.lstrip().startswith("["):
+        return f"--{key}: {given!r} is not a list; write a list in brackets: --{key} '[{given}]'"
+    if given is not None:
+        expected = re.search(r"Subtypes: (\[.*?\]) Errors", detail) or re.search(r"Expected a (.*?)\. Got value", detail)
+        what = f"; expected {_type_names(expected.group(1))}" if expected else ""
+        return f"--{key}: invalid value {given!r}{what}"
+    return f"--{key}: {detail}"
+
+
+def _interruptible(subcommand: Callable) -> Callable:
+    """A subcommand that, interrupted (a KeyboardInterrupt, also as ``_run_loop`` raises it), raises
+    ``_RunInterrupted`` with the line that says what the run leaves and how to go on."""
+
+    @functools.wraps(subcommand)
+    def run(self: PatchCoreCLI, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return subcommand(self, *args, **kwargs)
+        except KeyboardInterrupt:
+            signum = _SIGNALS.received or signal.SIGINT
+            raise _RunInterrupted(signum, self._interrupted_line(signum)) from None
+
+    return run
+
+
 class PatchCoreCLI(LightningCLI):
     """LightningCLI over PatchCoreModule and AnomalyDataModule, with ``results_dir`` and ``resume``."""
 
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
         self._logger: TensorBoardLogger | None = None
+        self._at = ""  # the category being worked on, for the line of an interrupted run
         super().__init__(
             PatchCoreModule,
             AnomalyDataModule,
             seed_everything_default=0,
+            trainer_class=PatchCoreTrainer,
             trainer_defaults=TRAINER_DEFAULTS,
+            parser_class=_OneLineErrorParser,
+            auto_configure_optimizers=False,  # nothing is trained: no --optimizer, --lr_scheduler
             save_config_callback=None,
             args=args,
             run=run,
@@ -76,6 +208,22 @@ class PatchCoreCLI(LightningCLI):
             help="Keep the categories results_dir/results.csv already holds when they were computed with "
             "the same models, data and settings (results_config.json); refuse to mix otherwise.",
         )
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """fit, test and predict (no validate: there is nothing to validate during a one-pass fit), and
+        the arguments of each that the CLI fills in itself."""
+        return {"fit": {"model", "datamodule"}, "test": {"model", "datamodule"},
+                "predict": {"model", "datamodule", "return_predictions"}}
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        """Lightning's core arguments, without the Trainer options this tool does not use."""
+        parser.add_class_arguments(self.trainer_class, "trainer", fail_untyped=False, instantiate=False,
+                                   sub_configs=True, skip=set(_UNUSED_TRAINER_OPTIONS))
+        parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items()
+                             if k != "callbacks" and k not in _UNUSED_TRAINER_OPTIONS})
+        parser.add_lightning_class_args(PatchCoreModule, "model")
+        parser.add_lightning_class_args(AnomalyDataModule, "data")
 
     def _config(self, config) -> Any:
         return config[self.subcommand] if self.subcommand else config
@@ -99,6 +247,8 @@ class PatchCoreCLI(LightningCLI):
                 ModelFolderWriter(results_dir)]
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
             ours.append(CategoryProgressBar())
+        ours.append(_StopOnSignal())
+        kwargs = {**_FIXED_TRAINER_SETTINGS, **kwargs}  # the settings of the options --help does not offer
         kwargs.setdefault("callbacks", [*given, *ours])
         strategy = frozen_model_strategy(kwargs.get("strategy", config.get("strategy")))
         if strategy is not None:
@@ -106,6 +256,7 @@ class PatchCoreCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     # ------------------------------------------------------------------ the subcommands
+    @_interruptible
     def fit(
         self,
         model: PatchCoreModule,
@@ -119,14 +270,19 @@ class PatchCoreCLI(LightningCLI):
         _refuse_checkpoint(ckpt_path)
         _check_writable(self.results_dir)
         todo = categories if categories is not None else datamodule.categories
+        if categories is None:  # given categories come from ``test``, which checked them with the rest
+            self._check_before_work(datamodule, fit=todo)
         folders = []
         for i, category in enumerate(todo):
             datamodule.select(category)
+            self._at = f"{datamodule.dataset_name} ({i + 1}/{len(todo)})"
             log.info("Building memory bank for [%s] (%d/%d)...", datamodule.dataset_name, i + 1, len(todo))
-            self.instantiate_trainer().fit(model, datamodule=datamodule)  # a fresh fit loop per category
+            trainer = self.instantiate_trainer()  # a fresh fit loop per category
+            _run_loop(trainer, trainer.fit, model, datamodule=datamodule)
             folders.append(ModelFolderWriter(self.results_dir).folder(datamodule.dataset_name))
         return folders
 
+    @_interruptible
     def test(
         self,
         model: PatchCoreModule,
@@ -140,8 +296,12 @@ class PatchCoreCLI(LightningCLI):
         results_dir = self.results_dir
         _check_writable(results_dir)
         categories = datamodule.categories
-        paths = model.hparams.model_paths or self._fitted_model_paths(model, datamodule)
-        folders = [_model_path(paths, i, len(categories)) for i in range(len(categories))]  # fails before any work
+        paths = model.hparams.model_paths
+        if paths:
+            folders = [_model_path(paths, i, len(categories)) for i in range(len(categories))]  # fails before any work
+            self._check_before_work(datamodule, test=categories, folders=dict(zip(categories, folders)))
+        else:
+            folders = self._fitted_model_paths(model, datamodule)
         previous = read_run_state(results_dir) if self._config(self.config).resume else {}
         rows: dict[str, dict[str, float]] = {}
         fingerprints: dict[str, str] = {}
@@ -172,9 +332,10 @@ class PatchCoreCLI(LightningCLI):
                 if self.trainer.is_global_zero:
                     log.info("Skipping dataset [%s] (%d/%d): already in results.csv (--resume)", name, i + 1, len(folders))
                 continue
+            self._at = f"{name} ({i + 1}/{len(folders)})"
             if self.trainer.is_global_zero:
                 log.info("Evaluating dataset [%s] (%d/%d)...", name, i + 1, len(folders))
-            self.trainer.test(model, datamodule=datamodule, verbose=False)
+            _run_loop(self.trainer, self.trainer.test, model, datamodule=datamodule, verbose=False)
             rows[name] = {k: model.result[k] for k in METRIC_NAMES + THRESHOLD_NAMES}
             if self.trainer.is_global_zero:
                 for k in METRIC_NAMES:
@@ -190,6 +351,7 @@ class PatchCoreCLI(LightningCLI):
                     print(f"WARNING: {', '.join(random)} ran with RANDOM weights: these are not ImageNet PatchCore numbers")
         return rows
 
+    @_interruptible
     def predict(
         self,
         model: PatchCoreModule,
@@ -201,7 +363,7 @@ class PatchCoreCLI(LightningCLI):
         """Score every image under ``data.predict_dir``: predictions.csv, skipped.csv, heatmaps/."""
         _refuse_checkpoint(ckpt_path)
         _check_writable(self.results_dir)
-        self.trainer.predict(model, datamodule=datamodule, return_predictions=False)
+        _run_loop(self.trainer, self.trainer.predict, model, datamodule=datamodule, return_predictions=False)
 
     # ------------------------------------------------------------------ helpers
     def _fitted_model_paths(self, model: PatchCoreModule, datamodule: AnomalyDataModule) -> list[str]:
@@ -210,12 +372,68 @@ class PatchCoreCLI(LightningCLI):
         folders = {c: writer.folder(datamodule.dataset_name_of(c)) for c in datamodule.categories}
         missing = [c for c, folder in folders.items() if not (folder / SIDECAR_FILE).is_file()]
         present = [str(folders[c]) for c in datamodule.categories if c not in missing]
+        self._check_before_work(datamodule, fit=missing, test=datamodule.categories,
+                                folders={c: str(folders[c]) for c in datamodule.categories if c not in missing})
         if present:
             log.info("model.model_paths is empty: evaluating the models fit wrote in %s", ", ".join(present))
         if missing:
             log.info("model.model_paths is empty: building the memory banks of %s from the train split", missing)
             self.fit(model, datamodule, categories=missing)
         return [str(folders[c]) for c in datamodule.categories]
+
+    def _check_before_work(
+        self,
+        datamodule: AnomalyDataModule,
+        fit: Sequence[str] = (),
+        test: Sequence[str] = (),
+        folders: dict[str, str] | None = None,
+    ) -> None:
+        """Before the first fit or test of a run: the ``fit`` categories' train splits and the
+        ``test`` categories' test splits listed and their files' headers read (``check_split``), and
+        every model folder of ``folders`` (category → folder) read without its banks
+        (``check_model_folder``). Every problem found is reported in one line (``RunCheckError``)."""
+        h = datamodule.hparams
+        folder_problems: dict[str, str | None] = {}  # one folder may serve every category: read it once
+        problems = []
+        for category in datamodule.categories:
+            found = []
+            if not h.synthetic:  # the demo's data are generated by prepare_data, inside the first loop
+                found += [p for split, todo in (("train", fit), ("test", test)) if category in todo
+                          for p in check_split(h.benchmark, h.root, category, split)]
+            folder = (folders or {}).get(category)
+            if folder is not None:
+                if folder not in folder_problems:
+                    folder_problems[folder] = _model_folder_problem(folder, datamodule.imagesize)
+                if folder_problems[folder] is not None:
+                    found.append(folder_problems[folder])
+            # dict.fromkeys: a missing category folder is one problem, not one per split
+            problems += [f"[{datamodule.dataset_name_of(category)}] {p}" for p in dict.fromkeys(found)]
+        if problems:
+            raise RunCheckError(f"{len(problems)} problem(s) found before any work, nothing was run: " + "; ".join(problems))
+
+    def _interrupted_line(self, signum: int) -> str:
+        """What the interrupted subcommand leaves in results_dir, and how to go on from there."""
+        command = self.subcommand
+        where = f" in {self._at}" if self._at else ""
+        head = f"interrupted by {signal.Signals(signum).name}{where}"
+        results = self.results_dir / "results.csv"
+        datamodule = self.datamodule
+        if command == "predict":
+            return (f"{head}: predictions.csv and skipped.csv are written once every image is scored, so there are none; "
+                    f"rerun the command")
+        models = ModelFolderWriter(self.results_dir)
+        built = [c for c in datamodule.categories if (models.folder(datamodule.dataset_name_of(c)) / SIDECAR_FILE).is_file()]
+        if command == "fit":
+            rest = [c for c in datamodule.categories if c not in built]
+            return (f"{head}: {self.results_dir / 'models'} holds the finished models of "
+                    f"{_names(datamodule.dataset_name_of(c) for c in built)}; build the rest with "
+                    f"--data.categories '{json.dumps(rest)}'")
+        try:
+            held = [name for name in read_results(results) if name != "mean"]
+        except (OSError, ValueError, KeyError):
+            held = []
+        return (f"{head}: {results} holds {_names(held)} ({len(held)} of {len(datamodule.categories)} categories); "
+                f"rerun the same command with --resume true to compute the rest")
 
     def _log_run(self, model: PatchCoreModule, datamodule: AnomalyDataModule, rows: dict[str, dict[str, float]]) -> None:
         """The run's summary for every logger: ``test/mean/<metric>``, and the configuration as
@@ -248,6 +466,74 @@ class PatchCoreCLI(LightningCLI):
             logger.save()
 
 
+def _names(names) -> str:
+    names = list(names)
+    return ", ".join(names) if names else "none"
+
+
+class _Signals:
+    """SIGINT and SIGTERM during a run: the first one received is kept (the exit code says which),
+    and each raises KeyboardInterrupt where the main thread is. A KeyboardInterrupt can be lost (one
+    raised inside a finaliser or a fork hook, as when DataLoader workers start, is only printed as
+    "Exception ignored in ..."); the kept signal is not: ``_run_loop`` and ``_StopOnSignal`` check it."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        self.received = None
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def restore(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.received is None:
+            self.received = signum
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+_SIGNALS = _Signals()
+
+
+class _RunInterrupted(Exception):
+    """A run ended by SIGINT or SIGTERM (``signum``); ``line`` says what it leaves and how to go on."""
+
+    def __init__(self, signum: int, line: str) -> None:
+        super().__init__(line)
+        self.signum, self.line = signum, line
+
+
+class _StopOnSignal(Callback):
+    """Ends the loop at the next batch once a signal was received, should its KeyboardInterrupt have been lost."""
+
+    def _check(self, *args: Any) -> None:
+        if _SIGNALS.received is not None:
+            raise KeyboardInterrupt(signal.Signals(_SIGNALS.received).name)
+
+    on_train_batch_start = on_test_batch_start = on_predict_batch_start = _check
+
+
+def _run_loop(trainer: L.Trainer, loop, *args: Any, **kwargs: Any) -> Any:
+    """``loop(*args, **kwargs)`` (``trainer.fit`` / ``test`` / ``predict``), raising KeyboardInterrupt
+    when it was interrupted. Lightning catches a KeyboardInterrupt, shuts the loop down and exits 1
+    (``SystemExit``); a loop may also return with ``trainer.interrupted`` set, or finish although a
+    signal arrived (its KeyboardInterrupt lost): each ends the run here."""
+    try:
+        out = loop(*args, **kwargs)
+    except SystemExit:
+        if not trainer.interrupted:
+            raise
+        raise KeyboardInterrupt from None
+    if trainer.interrupted or _SIGNALS.received is not None:
+        raise KeyboardInterrupt
+    return out
+
+
 def _model_path(paths: list[str], index: int, n_categories: int) -> str:
     """The model folder of the ``index``-th of ``n_categories`` categories (the original's rule)."""
     if len(paths) == 1:
@@ -255,9 +541,26 @@ def _model_path(paths: list[str], index: int, n_categories: int) -> str:
     if len(paths) != n_categories:
         raise ValueError(
             f"model.model_paths has {len(paths)} entries for {n_categories} categories: "
-            f"give one folder per category, or exactly one for all"
+            f"give one folder per category, or exactly one for all, or --model.model_paths null to build "
+            f"each category's model from its train split first (written to <results_dir>/models/)"
         )
     return paths[index]
+
+
+def _model_folder_problem(folder: str, imagesize: int) -> str | None:
+    """What keeps ``folder`` from being evaluated at ``imagesize``, or None."""
+    try:
+        members = check_model_folder(folder, imagesize)
+    except ModelFormatError as err:
+        return str(err)
+    unsupported = sorted({p.backbone for p in members} - set(BACKBONES))
+    if unsupported:
+        return f"{folder}: unsupported backbone {unsupported[0]!r}; supported: {', '.join(sorted(BACKBONES))}"
+    return None
+
+
+class RunCheckError(ValueError):
+    """Problems found in a run's data or model folders before any work."""
 
 
 def _print_table(rows: dict[str, dict[str, float]]) -> None:
@@ -314,10 +617,6 @@ class _StderrHandler(logging.StreamHandler):
         pass
 
 
-def _interrupt(signum, frame) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 class _RepeatedLightningLines(logging.Filter):
     """Lightning's lines that a multi-category run would repeat: its accelerator lines are shown for
     the first Trainer only (fit builds one per category), its "💡 Tip" advertisement never."""
@@ -351,8 +650,9 @@ def main(args: list[str] | None = None) -> None:
         log.addHandler(handler)
         log.setLevel(logging.INFO)
         log.propagate = False
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends the run like Ctrl+C: files stay whole
+    watch = threading.current_thread() is threading.main_thread()
+    if watch:  # SIGINT and SIGTERM end the run alike: files stay whole, the exit code says which (130, 143)
+        _SIGNALS.install()
     try:
         PatchCoreCLI(args=args)
     except _USER_ERRORS as err:
@@ -360,6 +660,13 @@ def main(args: list[str] | None = None) -> None:
             raise
         print(f"error: {_one_line(err)}  (PATCHCORE_DEBUG=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: results.csv holds the finished categories; rerun with --resume true", file=sys.stderr)
-        sys.exit(130)
+    except _RunInterrupted as stop:
+        print(stop.line, file=sys.stderr)
+        sys.exit(128 + stop.signum)
+    except KeyboardInterrupt:  # while the configuration is read and the objects built: before any work
+        signum = _SIGNALS.received or signal.SIGINT
+        print(f"interrupted by {signal.Signals(signum).name} before any work: nothing was run", file=sys.stderr)
+        sys.exit(128 + signum)
+    finally:
+        if watch:
+            _SIGNALS.restore()

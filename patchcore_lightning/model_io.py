@@ -12,6 +12,7 @@ import io
 import json
 import os
 import pickle
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,9 +20,11 @@ from typing import Any
 __all__ = [
     "MemberFiles",
     "ModelFormatError",
+    "check_model_folder",
     "PatchCoreParams",
     "find_members",
     "member_prefix",
+    "read_index_header",
     "read_params",
     "read_sidecar",
     "safe_unpickle",
@@ -180,3 +183,60 @@ def read_sidecar(folder: str | os.PathLike) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ModelFormatError(f"{path}: not valid JSON ({err})") from None
+
+
+# faiss.write_index of an IndexFlatL2: fourcc "IxF2", d (int32), ntotal (int64), two unused int64,
+# is_trained (1 byte), metric_type (int32; 1 = L2), the number of floats (int64), then ntotal * d float32.
+_FLAT_L2_FOURCC = b"IxF2"
+_FLAT_HEADER = struct.Struct("<4siqqqBiq")
+
+
+def read_index_header(path: str | os.PathLike) -> tuple[int, int]:
+    """``(d, ntotal)`` of a faiss ``IndexFlatL2`` file, from its 45-byte header: the vectors are not
+    read, but a file shorter or longer than the header announces is refused (truncated copy)."""
+    path = Path(path)
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(_FLAT_HEADER.size)
+        size = path.stat().st_size
+    except OSError as err:
+        raise ModelFormatError(f"cannot read faiss index {path}: {err.strerror or err}") from None
+    if len(head) < _FLAT_HEADER.size or head[:4] != _FLAT_L2_FOURCC:
+        found = head[:4].decode("ascii", "replace") if head else "an empty file"
+        raise ModelFormatError(
+            f"{path}: not a faiss IndexFlatL2 file (starts with {found!r}; the memory bank must be an exact L2 index)"
+        )
+    _, d, ntotal, _, _, _, metric, floats = _FLAT_HEADER.unpack(head)
+    expected = _FLAT_HEADER.size + 4 * floats
+    if metric != 1 or d < 0 or ntotal < 0 or floats != d * ntotal or size != expected:
+        raise ModelFormatError(
+            f"{path}: damaged faiss index ({size} bytes; its header announces {ntotal} vectors of dimension {d}, "
+            f"{expected} bytes)"
+        )
+    return d, ntotal
+
+
+def check_model_folder(folder: str | os.PathLike, imagesize: int) -> list[PatchCoreParams]:
+    """Read a model folder as ``PatchCore.from_folder`` does, without its banks: every member's
+    files present, params safe and complete, built for ``imagesize``, index headers consistent
+    with the params, sidecar valid JSON. Raises ModelFormatError naming the first problem."""
+    members = []
+    for files in find_members(folder):
+        p = read_params(files.params)
+        if tuple(p.input_shape[1:]) != (imagesize, imagesize):
+            raise ModelFormatError(
+                f"{files.params}: the model was built for input_shape {p.input_shape}, but data.imagesize is {imagesize}"
+            )
+        d, ntotal = read_index_header(files.index)
+        if d != p.target_embed_dimension or ntotal == 0:
+            raise ModelFormatError(
+                f"{files.index}: index holds {ntotal} vectors of dimension {d}; expected a "
+                f"non-empty bank of target_embed_dimension={p.target_embed_dimension}"
+            )
+        if p.anomaly_scorer_num_nn > ntotal:
+            raise ModelFormatError(
+                f"{files.params}: anomaly_scorer_num_nn={p.anomaly_scorer_num_nn} exceeds the bank size {ntotal}"
+            )
+        members.append(p)
+    read_sidecar(folder)
+    return members
