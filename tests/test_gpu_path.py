@@ -30,10 +30,10 @@ def test_the_torch_search_gives_the_originals_numbers(resnet18_weights, tmp_path
         args=["test", *fixture_args(resnet18_weights, tmp_path, "--model.knn_backend", "torch", "--trainer.logger", "false")]
     )
     assert cli.model.model.banks[0].kind == "torch"
-    result = cli.model.result
-    np.testing.assert_allclose(result["raw_scores"][:, 0].numpy(), ORIGINAL["image_scores"], rtol=1e-5)
+    result = cli.evaluation
+    np.testing.assert_allclose(result.raw_scores[:, 0].numpy(), ORIGINAL["image_scores"], rtol=1e-5)
     for name, value in META["metrics"].items():
-        assert result[name] == pytest.approx(value, abs=1e-5), name
+        assert getattr(result, name) == pytest.approx(value, abs=1e-5), name
 
 
 def test_loader_settings_follow_the_device(monkeypatch):
