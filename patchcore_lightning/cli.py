@@ -288,6 +288,8 @@ def _set_run_state(model: PatchCoreModule, seed: int | bool | None) -> None:
     # Lightning's fit loop expects something to train; here nothing is, by design
     warnings.filterwarnings("ignore", r".*configure_optimizers` returned `None`, this fit will run with no optimizer")
     warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode at the start of training")
+    # predict's ShardBatches returns every index (no drop_last to set), which Lightning cannot tell
+    warnings.filterwarnings("ignore", r"You are using a custom batch sampler `ShardBatches` for prediction")
 
 
 def _model_path(paths: list[str], index: int, n_categories: int) -> str:
