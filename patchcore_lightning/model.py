@@ -401,6 +401,8 @@ class PatchCore(nn.Module):
         """
         if backbones is None:
             backbones = Backbones(backbone_weights, original_bn_warmup)
+        elif backbone_weights is not None:
+            raise ValueError("give backbones (built backbones) or backbone_weights, not both")
         params, extractors, banks = [], [], []
         for files in find_members(folder):
             p = read_params(files.params)
