@@ -185,7 +185,8 @@ def test_evaluate_takes_the_raw_outputs_and_returns_a_typed_result():
     assert torch.equal(result.scores, scores) and torch.equal(result.maps, maps)
     assert torch.equal(result.masks, masks) and torch.equal(result.raw_scores, raw_scores)
     assert result.metrics() == normalised_metrics(scores, maps, masks, labels)
-    assert result.row() == {**result.metrics(), **thresholds(raw_scores.mean(dim=1), raw_maps.mean(dim=1), masks, labels)}
+    raw_thresholds = thresholds(raw_scores.mean(dim=1), raw_maps.mean(dim=1), masks, labels)
+    assert result.row() == {**result.metrics(), **raw_thresholds}
     assert list(result.row()) == [*METRIC_NAMES, *THRESHOLD_NAMES]
     # images in any order, named by their indices: the same result, ordered by index
     order = torch.randperm(9, generator=torch.Generator().manual_seed(3))

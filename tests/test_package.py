@@ -99,7 +99,8 @@ def test_global_state_is_set_by_the_cli_only():
             continue
         for node in ast.walk(tree):
             text = ast.unparse(node) if isinstance(node, (ast.Call, ast.Assign, ast.Subscript)) else ""
-            if isinstance(node, ast.Call) and re.match(r"warnings\.(filterwarnings|simplefilter|resetwarnings)\b", text):
+            setter = r"warnings\.(filterwarnings|simplefilter|resetwarnings)\b"
+            if isinstance(node, ast.Call) and re.match(setter, text):
                 found.append(f"{name}:{node.lineno}: {text}")
             elif isinstance(node, ast.Assign) and "allow_tf32" in text.split("=")[0]:
                 found.append(f"{name}:{node.lineno}: {text}")

@@ -67,7 +67,8 @@ def test_predict_scores_equal_test_raw_scores(folder, resnet18_weights, tmp_path
     cli = PatchCoreCLI(args=["test", *_common(resnet18_weights, tmp_path / "test"), "--data.root", str(FIXTURE / "data"),
                              "--data.categories", "[weave]"])
     result = cli.evaluation
-    raw = {cli.datamodule.test_dataset.samples[int(i)].image: float(s) for i, s in zip(result.indices, result.raw_scores[:, 0])}
+    samples = cli.datamodule.test_dataset.samples
+    raw = {samples[int(i)].image: float(s) for i, s in zip(result.indices, result.raw_scores[:, 0])}
     scores = {r["path"]: float(r["score"]) for r in rows}
     for path, (sample, _) in truth.items():
         assert scores[path] == pytest.approx(raw[sample.image], rel=1e-5), path
