@@ -22,7 +22,8 @@ from PIL import Image
 from torchmetrics.functional.classification import binary_roc
 
 from .data.images import PADDING_INDEX, to_display
-from .metrics import curve_counts
+from .metrics import Evaluation, curve_counts
+from .module import EvaluationReceiver
 from .reporting import blend, compose, overlay_strip, review_grid, roc_image, write_predictions
 
 __all__ = [
@@ -77,7 +78,7 @@ class CategoryProgressBar(TQDMProgressBar):
             self.test_progress_bar.set_description(self._title(trainer))
 
 
-class SegmentationImages(Callback):
+class SegmentationImages(EvaluationReceiver):
     """``<results_dir>/segmentation_images/<dataset>/<anomaly>_<stem>.png`` per test image, when the
     model's ``save_segmentation_images`` is set: the image | its ground truth | the heatmap (the
     normalised ensemble segmentation) over the image, captioned with the normalised image score.
@@ -101,17 +102,17 @@ class SegmentationImages(Callback):
         if self._enabled(pl_module):
             self._images.update(_valid(batch[0], batch[3]))
 
-    def on_test_end(self, trainer, pl_module) -> None:
-        if not self._enabled(pl_module) or pl_module.result is None:
+    def on_evaluation(self, trainer, pl_module, result: Evaluation) -> None:
+        if not self._enabled(pl_module):
             return
-        result, samples = pl_module.result, trainer.datamodule.test_dataset.samples
+        samples = trainer.datamodule.test_dataset.samples
         folder = self.results_dir / "segmentation_images" / trainer.datamodule.dataset_name
         folder.mkdir(parents=True, exist_ok=True)
-        rows = torch.searchsorted(result["indices"].cpu(), torch.tensor(sorted(self._images))).tolist()
+        rows = torch.searchsorted(result.indices.cpu(), torch.tensor(sorted(self._images))).tolist()
         for index, row in zip(sorted(self._images), rows):
-            sample, score = samples[index], float(result["scores"][row])
+            sample, score = samples[index], float(result.scores[row])
             caption = f"{sample.anomaly}/{sample.image.name}" + ("" if math.isnan(score) else f"  score {score:.4f}")
-            strip = overlay_strip(self._images[index], result["masks"][row].cpu().numpy(), result["maps"][row], caption)
+            strip = overlay_strip(self._images[index], result.masks[row].cpu().numpy(), result.maps[row], caption)
             strip.save(folder / f"{sample.name}.png")
         if trainer.is_global_zero:
             log.info("segmentation images written to %s", folder)
@@ -132,7 +133,7 @@ def hardest_candidates(scores: torch.Tensor, k: int, lowest: bool = False) -> to
     return (at_least & beats).sum(dim=1) < k
 
 
-class TensorBoardReport(Callback):
+class TensorBoardReport(EvaluationReceiver):
     """Per category, in the run's TensorBoard (rank 0): images ``<dataset>/hardest_cases`` (the
     ``per_kind`` highest-scored normal and lowest-scored anomalous images: image | ground truth |
     heatmap, with the normalised score) and ``<dataset>/roc`` (image and pixel ROC curves), and the
@@ -173,13 +174,12 @@ class TensorBoardReport(Callback):
                     if not kept:
                         del self._scores[i], self._images[i]
 
-    def on_test_end(self, trainer, pl_module) -> None:
+    def on_evaluation(self, trainer, pl_module, result: Evaluation) -> None:
         logger = self._writer(trainer)
-        result = pl_module.result
-        if logger is None or result is None:
+        if logger is None:
             return
         name, step, _ = _category(trainer)
-        scores, labels, indices = result["scores"].cpu(), result["labels"].cpu(), result["indices"].cpu()
+        scores, labels, indices = result.scores.cpu(), result.labels.cpu(), result.indices.cpu()
         normal, anomalous = (labels == 0).nonzero().flatten(), (labels == 1).nonzero().flatten()
         rows = [
             *normal[scores[normal].argsort(descending=True)[: self.per_kind]].tolist(),
@@ -197,18 +197,18 @@ class TensorBoardReport(Callback):
         strips = []
         for row, index in zip(rows, wanted):
             caption = f"{samples[index].anomaly}/{samples[index].image.name}  score {float(scores[row]):.4f}"
-            strips.append(overlay_strip(held[index], result["masks"][row].cpu().numpy(), result["maps"][row], caption))
+            strips.append(overlay_strip(held[index], result.masks[row].cpu().numpy(), result.maps[row], caption))
         if strips:
             writer.add_image(f"{name}/hardest_cases", review_grid(strips), step, dataformats="CHW")
         curves = {}
         if len(normal) and len(anomalous):
             fpr, tpr, _ = binary_roc(scores, labels)
-            curves[f"image (AUROC {result['instance_auroc']:.4f})"] = (fpr, tpr)
-        gt = result["masks"] == 255
-        tp, fp = curve_counts(result["maps"], gt)  # (1001,) each, thresholds ascending
+            curves[f"image (AUROC {result.instance_auroc:.4f})"] = (fpr, tpr)
+        gt = result.masks == 255
+        tp, fp = curve_counts(result.maps, gt)  # (1001,) each, thresholds ascending
         P, Q = int(tp[0]), int(fp[0])
         if P and Q:
-            curves[f"pixel (AUROC {result['full_pixel_auroc']:.4f})"] = (fp.flip(0) / Q, tp.flip(0) / P)
+            curves[f"pixel (AUROC {result.full_pixel_auroc:.4f})"] = (fp.flip(0) / Q, tp.flip(0) / P)
             tp, fp = tp[::5].cpu(), fp[::5].cpu()  # 201 thresholds, as TensorBoard's PR curves
             precision = tp / (tp + fp).clamp_min(1)
             writer.add_pr_curve_raw(f"{name}/pixel_pr", tp, fp, Q - fp, P - tp, precision, tp / P, step, len(tp))

@@ -17,11 +17,13 @@ import signal
 import sys
 import tempfile
 import threading
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -31,9 +33,9 @@ from .callbacks import CategoryProgressBar, ModelFolderWriter, PredictionWriter,
 from .data.checks import check_split
 from .data.datamodule import AnomalyDataModule
 from .data.images import DataError
-from .metrics import METRIC_NAMES, THRESHOLD_NAMES
+from .metrics import METRIC_NAMES, Evaluation
 from .model_io import SIDECAR_FILE, ModelFormatError, check_model_folder
-from .module import PatchCoreModule, frozen_model_strategy
+from .module import EvaluationReceiver, PatchCoreModule, frozen_model_strategy
 from .reporting import category_fingerprint, mean_row, read_results, read_run_state, write_run_state
 
 __all__ = ["PatchCoreCLI", "main"]
@@ -232,6 +234,11 @@ class PatchCoreCLI(LightningCLI):
     def results_dir(self) -> Path:
         return Path(self._config(self.config).results_dir)
 
+    def instantiate_classes(self) -> None:
+        """The module, data and Trainer; then the run's global state, which is the CLI's alone."""
+        super().instantiate_classes()
+        _set_run_state(self.model, self._config(self.config).seed_everything)
+
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         """Lightning's Trainer from the config, writing under ``results_dir``: TensorBoard by default,
         our callbacks added, and a DDP strategy that leaves the frozen model unwrapped."""
@@ -244,7 +251,7 @@ class PatchCoreCLI(LightningCLI):
             kwargs.setdefault("logger", self._logger)
         given = list(config.get("callbacks") or [])
         ours = [SegmentationImages(results_dir), TensorBoardReport(), PredictionWriter(results_dir),
-                ModelFolderWriter(results_dir)]
+                ModelFolderWriter(results_dir), _LastEvaluation()]
         if config.get("enable_progress_bar", True) is not False and not any(isinstance(c, ProgressBar) for c in given):
             ours.append(CategoryProgressBar())
         ours.append(_StopOnSignal())
@@ -336,7 +343,7 @@ class PatchCoreCLI(LightningCLI):
             if self.trainer.is_global_zero:
                 log.info("Evaluating dataset [%s] (%d/%d)...", name, i + 1, len(folders))
             _run_loop(self.trainer, self.trainer.test, model, datamodule=datamodule, verbose=False)
-            rows[name] = {k: model.result[k] for k in METRIC_NAMES + THRESHOLD_NAMES}
+            rows[name] = self.evaluation.row()
             if self.trainer.is_global_zero:
                 for k in METRIC_NAMES:
                     log.info("%s: %.3f", k, rows[name][k])
@@ -366,6 +373,14 @@ class PatchCoreCLI(LightningCLI):
         _run_loop(self.trainer, self.trainer.predict, model, datamodule=datamodule, return_predictions=False)
 
     # ------------------------------------------------------------------ helpers
+    @property
+    def evaluation(self) -> Evaluation:
+        """The ``Evaluation`` of the category the Trainer tested last."""
+        received = next(c for c in self.trainer.callbacks if isinstance(c, _LastEvaluation))
+        if received.evaluation is None:
+            raise RuntimeError("the test loop ended without an evaluation")
+        return received.evaluation
+
     def _fitted_model_paths(self, model: PatchCoreModule, datamodule: AnomalyDataModule) -> list[str]:
         """``<results_dir>/models/<dataset>`` of every category; built first where missing."""
         writer = ModelFolderWriter(self.results_dir)
@@ -532,6 +547,35 @@ def _run_loop(trainer: L.Trainer, loop, *args: Any, **kwargs: Any) -> Any:
     if trainer.interrupted or _SIGNALS.received is not None:
         raise KeyboardInterrupt
     return out
+
+
+class _LastEvaluation(EvaluationReceiver):
+    """Keeps the last category's ``Evaluation`` for the CLI's results.csv rows."""
+
+    def __init__(self) -> None:
+        self.evaluation: Evaluation | None = None
+
+    def on_test_epoch_start(self, trainer, pl_module) -> None:
+        self.evaluation = None
+
+    def on_evaluation(self, trainer, pl_module, evaluation: Evaluation) -> None:
+        self.evaluation = evaluation
+
+
+def _set_run_state(model: PatchCoreModule, seed: int | bool | None) -> None:
+    """The process-wide settings of a run, set here and nowhere in the package: TF32 (off unless
+    ``model.allow_tf32``: PyTorch lets cuDNN convolutions use it by default, and PatchCore's
+    numbers are fp32 numbers), the seed of the coreset (``seed_everything``'s; 0 when seeding is
+    off), and filters for Lightning warnings a user cannot act on."""
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = model.hparams.allow_tf32
+    model.seed = seed if isinstance(seed, int) and not isinstance(seed, bool) else 0
+    # Lightning's loops against this torch's pytree module
+    warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
+    # Lightning's fit loop expects something to train; here nothing is, by design
+    warnings.filterwarnings("ignore", r".*configure_optimizers` returned `None`, this fit will run with no optimizer")
+    warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode at the start of training")
+    # predict's ShardBatches returns every index (no drop_last to set), which Lightning cannot tell
+    warnings.filterwarnings("ignore", r"You are using a custom batch sampler `ShardBatches` for prediction")
 
 
 def _model_path(paths: list[str], index: int, n_categories: int) -> str:

@@ -3,10 +3,12 @@ the torchmetrics ``Metric`` that holds one category.
 
 The original min-max normalises every member over the whole test set (image scores over images,
 maps over all pixels of all images) and averages the members (``ensemble``); only then are the
-metrics computed (``evaluate``). The thresholds are on the raw outputs instead (the mean of the
-members' raw image scores and maps, what ``predict`` reports), so that they apply to new images
-(``thresholds``). ``PatchCoreEvaluation`` keeps each member's raw scores and maps until the
-category ends; under DDP torchmetrics gathers them from every process.
+metrics computed (``normalised_metrics``). The thresholds are on the raw outputs instead (the mean
+of the members' raw image scores and maps, what ``predict`` reports), so that they apply to new
+images (``thresholds``). ``evaluate`` does all of it for one category's raw outputs and returns an
+``Evaluation``; ``PatchCoreEvaluation``, the Metric, keeps each member's raw scores and maps until
+the category ends (under DDP torchmetrics gathers them from every process) and its ``compute``
+returns ``evaluate``'s result.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torchmetrics import Metric
@@ -27,12 +30,14 @@ __all__ = [
     "METRIC_NAMES",
     "PRO_FPR_LIMIT",
     "THRESHOLD_NAMES",
+    "Evaluation",
     "PatchCoreEvaluation",
     "curve_counts",
     "ensemble",
     "evaluate",
     "f1_max",
     "image_auroc",
+    "normalised_metrics",
     "pixel_metrics",
     "thresholds",
 ]
@@ -139,7 +144,9 @@ def _pixel_truth(masks: torch.Tensor, labels: torch.Tensor, warn: bool = True) -
     return True
 
 
-def evaluate(scores: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+def normalised_metrics(
+    scores: torch.Tensor, maps: torch.Tensor, masks: torch.Tensor, labels: torch.Tensor
+) -> dict[str, float]:
     """The five numbers of results.csv from a category's normalised outputs.
 
     scores (N,) and maps (N, H, W) in [0, 1] (``ensemble``), masks (N, H, W) uint8 0..255, labels (N,).
@@ -178,7 +185,7 @@ def thresholds(raw_scores: torch.Tensor, raw_maps: torch.Tensor, masks: torch.Te
     → ``image_threshold``, ``image_f1``, ``pixel_threshold``, ``pixel_f1`` (NaN without pixel ground truth).
     """
     image_threshold, image_f1 = f1_max(raw_scores, labels == 1)
-    truth = _pixel_truth(masks, labels, warn=False)  # ``evaluate`` says so
+    truth = _pixel_truth(masks, labels, warn=False)  # ``normalised_metrics`` says so
     pixel_threshold, pixel_f1 = f1_max(raw_maps, masks == 255) if truth else (math.nan, math.nan)
     return {"image_threshold": image_threshold, "image_f1": image_f1,
             "pixel_threshold": pixel_threshold, "pixel_f1": pixel_f1}
@@ -258,13 +265,109 @@ def curve_counts(
     return positives.flip(0).cumsum(0).flip(0), negatives.flip(0).cumsum(0).flip(0)
 
 
-class PatchCoreEvaluation(Metric):
-    """One category's raw member outputs, kept until it ends; ``compute`` normalises and scores them.
+@dataclass
+class Evaluation:
+    """One category's evaluation: the five numbers of results.csv, the F1-max thresholds of
+    thresholds.csv, and the outputs they were computed from, N images ordered by dataset index.
 
-    ``compute()`` → dict: the five metrics and the four threshold figures (floats) and, ordered by
-    dataset index (so any sharding gives the same result), ``indices`` (N,), ``labels`` (N,),
-    ``raw_scores`` (N, M), the normalised ``scores`` (N,) and ``maps`` (N, H, W), ``masks`` (N, H, W) uint8.
+    Attributes:
+        instance_auroc, full_pixel_auroc, full_pro, anomaly_pixel_auroc, anomaly_pro: the metrics
+            (NaN where undefined).
+        image_threshold, image_f1, pixel_threshold, pixel_f1: the F1-max thresholds on the raw
+            outputs and their F1 (NaN where undefined).
+        indices: (N,) int64 the images' dataset indices, ascending.
+        labels: (N,) int64, 1 anomalous.
+        raw_scores: (N, M) the members' raw image scores.
+        scores: (N,) the normalised ensemble image scores, in [0, 1].
+        maps: (N, H, W) the normalised ensemble segmentations, in [0, 1].
+        masks: (N, H, W) uint8 ground truth, 255 anomalous.
     """
+
+    instance_auroc: float
+    full_pixel_auroc: float
+    full_pro: float
+    anomaly_pixel_auroc: float
+    anomaly_pro: float
+    image_threshold: float
+    image_f1: float
+    pixel_threshold: float
+    pixel_f1: float
+    indices: torch.Tensor
+    labels: torch.Tensor
+    raw_scores: torch.Tensor
+    scores: torch.Tensor
+    maps: torch.Tensor
+    masks: torch.Tensor
+
+    def metrics(self) -> dict[str, float]:
+        """The five numbers of results.csv, by ``METRIC_NAMES``."""
+        return {name: getattr(self, name) for name in METRIC_NAMES}
+
+    def row(self) -> dict[str, float]:
+        """The five numbers and the four threshold figures, by ``METRIC_NAMES + THRESHOLD_NAMES``."""
+        return {name: getattr(self, name) for name in METRIC_NAMES + THRESHOLD_NAMES}
+
+
+def _parts(x: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    return [x] if isinstance(x, torch.Tensor) else list(x)
+
+
+def evaluate(
+    raw_scores: torch.Tensor,
+    raw_maps: torch.Tensor | Sequence[torch.Tensor],
+    labels: torch.Tensor,
+    masks: torch.Tensor | Sequence[torch.Tensor],
+    indices: torch.Tensor | None = None,
+) -> Evaluation:
+    """A category's metrics and thresholds from its raw model outputs (``PatchCore.forward``'s).
+
+    Args:
+        raw_scores: (N, M) the members' raw image scores.
+        raw_maps: (N, M, H, W) the members' raw segmentations, or a sequence of (b_k, M, H, W)
+            parts that concatenate to them (never concatenated here: the largest input).
+        labels: (N,) 1 for an anomalous image, 0 for a normal one.
+        masks: (N, H, W) ground truth 0..255 (a pixel is anomalous where it is 255), or parts as ``raw_maps``.
+        indices: (N,) distinct dataset indices of the images, in any order; the result is ordered
+            by them (so any sharding of a data set gives the same result). Default: 0..N-1.
+
+    Each member is min-max normalised over the category and the members averaged (``ensemble``)
+    before the five numbers are computed (``normalised_metrics``); the thresholds are on the raw
+    means (``thresholds``).
+    """
+    map_parts, mask_parts = _parts(raw_maps), _parts(masks)
+    N = len(raw_scores)
+    if indices is None:
+        indices = torch.arange(N, device=raw_scores.device)
+    if not (len(labels) == len(indices) == N == sum(len(p) for p in mask_parts)):
+        raise ValueError(
+            f"evaluate needs one label, mask and index per image: {N} scores, {len(labels)} labels, "
+            f"{sum(len(p) for p in mask_parts)} masks, {len(indices)} indices"
+        )
+    order = torch.argsort(indices)
+    indices = indices[order].long()
+    if len(indices) > 1 and bool((indices[1:] == indices[:-1]).any()):
+        raise RuntimeError("a test image was scored twice; the sampler must not repeat images")
+    labels = labels[order].long()
+    raw_scores_ordered = raw_scores[order]
+    scores, maps = ensemble(raw_scores, map_parts, order)
+    masks = _reordered(mask_parts, order, lambda chunk: chunk.to(torch.uint8), maps.shape[1:], torch.uint8)
+    # the thresholds' inputs: the members' mean raw segmentation, (N, H, W)
+    raw_mean_maps = _reordered(map_parts, order, lambda chunk: chunk.mean(dim=1), maps.shape[1:], maps.dtype)
+    return Evaluation(
+        **normalised_metrics(scores, maps, masks, labels),
+        **thresholds(raw_scores_ordered.mean(dim=1), raw_mean_maps, masks, labels),
+        indices=indices,
+        labels=labels,
+        raw_scores=raw_scores_ordered,
+        scores=scores,
+        maps=maps,
+        masks=masks,
+    )
+
+
+class PatchCoreEvaluation(Metric):
+    """One category's raw member outputs, kept until it ends; ``compute`` returns their ``evaluate``
+    (an ``Evaluation``), with every process's outputs under DDP."""
 
     full_state_update = False
 
@@ -290,31 +393,12 @@ class PatchCoreEvaluation(Metric):
         self.labels.append(labels.long())
         self.indices.append(indices.long())
 
-    def compute(self) -> dict:
-        def parts(state) -> list[torch.Tensor]:  # a list before a DDP gather, one tensor after it
-            return state if isinstance(state, list) else [state]
-
-        indices = torch.cat(parts(self.indices))
-        order = torch.argsort(indices)
-        indices = indices[order]
-        if len(indices) > 1 and bool((indices[1:] == indices[:-1]).any()):
-            raise RuntimeError("a test image was scored twice; the sampler must not repeat images")
-        raw_scores = torch.cat(parts(self.raw_scores))  # (N, M), in arrival order
-        labels = torch.cat(parts(self.labels))[order]
-        raw_scores_ordered = raw_scores[order]
-        scores, maps = ensemble(raw_scores, parts(self.raw_maps), order)
-        masks = _reordered(parts(self.masks), order, lambda chunk: chunk, maps.shape[1:], torch.uint8)
-        # the thresholds' inputs: the members' mean raw segmentation, (N, H, W)
-        raw_mean_maps = _reordered(
-            parts(self.raw_maps), order, lambda chunk: chunk.mean(dim=1), maps.shape[1:], maps.dtype
+    def compute(self) -> Evaluation:
+        # each state is a list before a DDP gather, one tensor after it
+        return evaluate(
+            torch.cat(_parts(self.raw_scores)),
+            _parts(self.raw_maps),
+            torch.cat(_parts(self.labels)),
+            _parts(self.masks),
+            torch.cat(_parts(self.indices)),
         )
-        return {
-            **evaluate(scores, maps, masks, labels),
-            **thresholds(raw_scores_ordered.mean(dim=1), raw_mean_maps, masks, labels),
-            "indices": indices,
-            "labels": labels,
-            "raw_scores": raw_scores_ordered,
-            "scores": scores,
-            "maps": maps,
-            "masks": masks,
-        }

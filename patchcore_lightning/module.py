@@ -1,12 +1,15 @@
 """PatchCoreModule: the PatchCore model in Lightning's loops.
 
 - ``fit``: ``training_step`` collects every training image's patch features; at the end of the
-  epoch each member's features are subsampled (the coreset) into its memory bank.
+  epoch each member's features are subsampled (the coreset) into its memory bank by
+  ``model.build_bank``, the function ``PatchCore.fit`` uses, with the seed the module is given.
 - ``test``: ``test_step`` runs the model and feeds the category's metric; at the end of the epoch
-  the metric is computed (gathered from every process under DDP) into ``result``.
+  the metric is computed (gathered from every process under DDP) and its ``Evaluation`` handed to
+  the Trainer's ``EvaluationReceiver`` callbacks (the writers, the CLI's results).
 - ``predict``: ``predict_step`` returns each image's raw scores and segmentation.
 
-Files are written by the callbacks (``callbacks.py``), never here.
+Files are written by the callbacks (``callbacks.py``), never here. Global state (TF32 flags,
+warning filters, the seed) is the CLI's: the module reads ``allow_tf32`` and ``seed``, it sets nothing.
 """
 
 from __future__ import annotations
@@ -14,23 +17,23 @@ from __future__ import annotations
 import logging
 import math
 import os
-import warnings
 
 import lightning as L
 import torch
 import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.strategies import DDPStrategy, Strategy, StrategyRegistry
 
 from .backbones import BackboneWeights
-from .coreset import SamplerName, subsample
+from .coreset import SamplerName
 from .data.images import PADDING_INDEX
-from .memory_bank import KnnBackend, MemoryBank
-from .metrics import METRIC_NAMES, THRESHOLD_NAMES, PatchCoreEvaluation
-from .model import Backbones, PatchCore
+from .memory_bank import KnnBackend
+from .metrics import Evaluation, PatchCoreEvaluation
+from .model import Backbones, PatchCore, build_bank, concat_freeing, member_params
 from .model_io import PatchCoreParams
 from .reporting import read_thresholds
 
-__all__ = ["FrozenModelDDPStrategy", "PatchCoreModule", "frozen_model_strategy"]
+__all__ = ["EvaluationReceiver", "FrozenModelDDPStrategy", "PatchCoreModule", "frozen_model_strategy"]
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +59,8 @@ class PatchCoreModule(L.LightningModule):
         allow_other_weights: evaluate a model folder whose sidecar records other backbone weights
             (sha256) than ``backbone_weights`` gives; refused by default.
         allow_tf32: let cuDNN and cuBLAS use TF32 on Ampere and newer GPUs (faster, but metrics
-            drift by ~1e-4 from fp32); off by default so that a GPU gives the CPU's numbers.
+            drift by ~1e-4 from fp32); off by default so that a GPU gives the CPU's numbers. The CLI
+            sets torch's flags from it; the module itself changes no global state.
         original_bn_warmup: replay the original's one train-mode forward pass of an all-ones
             image, which shifts the BatchNorm running statistics of every backbone it builds (see
             docs/computation.md). Models made by the original (and by ``fit``) need it for their numbers.
@@ -134,7 +138,7 @@ class PatchCoreModule(L.LightningModule):
         self.model: PatchCore | None = None
         self.model_path: str | None = None  # the folder ``model`` was loaded from
         self.evaluation = PatchCoreEvaluation()
-        self.result: dict | None = None  # the last category's metrics and normalised outputs
+        self.seed = 0  # seeds the coreset's generator; the CLI sets it to the run's seed_everything
         self.n_train_images = 0  # images the banks of ``model`` were fit on
         self.image_threshold, self.pixel_threshold = image_threshold, pixel_threshold  # predict's, resolved in setup
         self._features: list[list[torch.Tensor]] = []
@@ -150,32 +154,15 @@ class PatchCoreModule(L.LightningModule):
     def member_params(self, imagesize: int) -> list[PatchCoreParams]:
         """The parameters of every member ``fit`` builds, in the original's terms."""
         h = self.hparams
-        return [
-            PatchCoreParams(
-                backbone=name,
-                layers=tuple(h.layers[name] if isinstance(h.layers, dict) else h.layers),
-                input_shape=(3, imagesize, imagesize),
-                pretrain_embed_dimension=h.pretrain_embed_dimension,
-                target_embed_dimension=h.target_embed_dimension,
-                patchsize=h.patchsize,
-                patchstride=1,
-                anomaly_scorer_num_nn=h.anomaly_scorer_num_nn,
-            )
-            for name in h.backbones
-        ]
+        return member_params(h.backbones, h.layers, imagesize, h.pretrain_embed_dimension, h.target_embed_dimension,
+                             h.patchsize, h.anomaly_scorer_num_nn)
 
     def setup(self, stage: str) -> None:
-        # PyTorch lets cuDNN convolutions use TF32 by default; PatchCore's numbers are fp32 numbers.
-        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = self.hparams.allow_tf32
-        # Lightning's loops against this torch's pytree module: nothing a user can act on
-        warnings.filterwarnings("ignore", r"`isinstance\(treespec, LeafSpec\)` is deprecated")
         imagesize = self.trainer.datamodule.imagesize
+        resize = getattr(self.trainer.datamodule.hparams, "resize", None)  # the data's, recorded by save
         if stage == "fit":
-            # Lightning's fit loop expects something to train; here nothing is, by design.
-            warnings.filterwarnings("ignore", r".*configure_optimizers` returned `None`, this fit will run with no optimizer")
-            warnings.filterwarnings("ignore", r"Found \d+ module\(s\) in eval mode at the start of training")
             params = self.member_params(imagesize)
-            self.model = PatchCore(params, [self.backbone_cache.get(p) for p in params])
+            self.model = PatchCore(params, [self.backbone_cache.get(p) for p in params], resize=resize)
             self.model_path = None
             return
         if stage == "predict" and self.model_path is None:
@@ -190,7 +177,7 @@ class PatchCoreModule(L.LightningModule):
                 raise ValueError("model.model_paths is empty: give the model folder(s) to evaluate")
             h = self.hparams
             self.model = PatchCore.from_folder(
-                self.model_path, imagesize, self.backbone_cache, h.knn_backend, h.allow_other_weights
+                self.model_path, imagesize, self.backbone_cache, h.knn_backend, h.allow_other_weights, resize=resize
             )
 
     def _thresholds_from_csv(self) -> tuple[float | None, float | None]:
@@ -240,18 +227,13 @@ class PatchCoreModule(L.LightningModule):
         indices = _gather_rows(torch.cat(self._indices))  # (N,) image indices, in arrival order
         order = torch.argsort(indices)
         n_images = len(indices)
-        seed = int(os.environ.get("PL_GLOBAL_SEED", "0"))  # seed_everything's
+        h = self.hparams
         banks = []
         for p, parts in zip(self.model.params, self._features):
-            features = _gather_rows(_concat_freeing(parts))  # (N*h*w, D), images in arrival order
+            features = _gather_rows(concat_freeing(parts))  # (N*h*w, D), images in arrival order
             if not torch.equal(order, torch.arange(n_images, device=order.device)):
                 features = features.view(n_images, -1, features.shape[1])[order].flatten(0, 1)
-            # a generator of its own per member and category: a category's bank does not depend on the others
-            generator = torch.Generator().manual_seed(seed)  # on the CPU: the same draws for features on any device
-            keep = subsample(features, self.hparams.sampler, self.hparams.percentage, generator)
-            log.info("%s: kept %d of %d patch features (%s, %.4g)", p.backbone, len(keep), len(features),
-                     self.hparams.sampler, self.hparams.percentage)
-            banks.append(MemoryBank(features[keep], self.hparams.knn_backend))
+            banks.append(build_bank(features, h.sampler, h.percentage, self.seed, h.knn_backend, p.backbone))
         self.model.banks = torch.nn.ModuleList(banks)
         self.n_train_images = n_images
         self._features, self._indices = [], []
@@ -260,7 +242,6 @@ class PatchCoreModule(L.LightningModule):
     def on_test_epoch_start(self) -> None:
         self._say_where_once()
         self.evaluation.reset()
-        self.result = None
 
     def test_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> dict[str, torch.Tensor]:
         """The batch's raw outputs into the metric; returns the raw scores (b, M), labels and indices."""
@@ -273,12 +254,16 @@ class PatchCoreModule(L.LightningModule):
         return {"raw_scores": raw_scores, "labels": labels, "indices": indices}
 
     def on_test_epoch_end(self) -> None:
-        """The category's metrics: every process gathers every image's outputs and computes them."""
-        self.result = self.evaluation.compute()
+        """The category's metrics: every process gathers every image's outputs and computes them;
+        the ``Evaluation`` goes to the Trainer's ``EvaluationReceiver`` callbacks."""
+        evaluation = self.evaluation.compute()
         self.evaluation.reset()
         name = self.trainer.datamodule.dataset_name
         # every process holds the same numbers (computed from the gathered states): the mean is them
-        self.log_dict({f"test/{name}/{k}": self.result[k] for k in METRIC_NAMES + THRESHOLD_NAMES}, sync_dist=True)
+        self.log_dict({f"test/{name}/{k}": v for k, v in evaluation.row().items()}, sync_dist=True)
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, EvaluationReceiver):
+                callback.on_evaluation(self.trainer, self, evaluation)
 
     # ------------------------------------------------------------------ predict
     def on_predict_epoch_start(self) -> None:
@@ -301,16 +286,13 @@ class PatchCoreModule(L.LightningModule):
         return out
 
 
-def _concat_freeing(parts: list[torch.Tensor]) -> torch.Tensor:
-    """``torch.cat(parts)``, emptying ``parts`` as it goes: at most one part is held twice, not all
-    of them (the training features of a category are the largest tensors of a fit)."""
-    out = parts[0].new_empty(sum(len(part) for part in parts), *parts[0].shape[1:])
-    start = 0
-    while parts:
-        part = parts.pop(0)
-        out[start : start + len(part)] = part
-        start += len(part)
-    return out
+class EvaluationReceiver(Callback):
+    """A callback that receives every category's ``metrics.Evaluation`` as a value: ``PatchCoreModule``
+    calls ``on_evaluation`` of each such callback of its Trainer when a test epoch's metric is computed
+    (on every process, with the same gathered result)."""
+
+    def on_evaluation(self, trainer: L.Trainer, pl_module: PatchCoreModule, evaluation: Evaluation) -> None:
+        """One category's evaluation; nothing by default."""
 
 
 def _gather_rows(x: torch.Tensor) -> torch.Tensor:

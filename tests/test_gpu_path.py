@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import faiss
-import numpy as np
 import pytest
 import torch
 
@@ -33,11 +32,11 @@ def test_the_torch_search_gives_the_faiss_searchs_numbers(resnet18_weights, tmp_
             "test", *fixture_args(resnet18_weights, tmp_path / backend, "--model.knn_backend", backend, "--trainer.logger", "false")
         ])
         assert cli.model.model.banks[0].kind == backend
-        runs[backend] = cli.model.result
-    assert torch.equal(runs["torch"]["raw_scores"], runs["faiss"]["raw_scores"])
-    assert torch.equal(runs["torch"]["maps"], runs["faiss"]["maps"])  # normalised from equal raw maps
+        runs[backend] = cli.evaluation
+    assert torch.equal(runs["torch"].raw_scores, runs["faiss"].raw_scores)
+    assert torch.equal(runs["torch"].maps, runs["faiss"].maps)  # normalised from equal raw maps
     for name in META["metrics"]:
-        assert runs["torch"][name] == runs["faiss"][name], name
+        assert getattr(runs["torch"], name) == getattr(runs["faiss"], name), name
 
 
 def test_loader_settings_follow_the_device(monkeypatch):

@@ -12,12 +12,16 @@ from torchmetrics.functional.classification import binary_auroc
 from patchcore_lightning.anomaly_map import minmax_normalise
 from patchcore_lightning.metrics import (
     METRIC_NAMES,
+    THRESHOLD_NAMES,
+    Evaluation,
     PatchCoreEvaluation,
     curve_counts,
     ensemble,
     evaluate,
     image_auroc,
+    normalised_metrics,
     pixel_metrics,
+    thresholds,
 )
 
 from . import original_oracle as oracle
@@ -56,8 +60,8 @@ def test_evaluation_matches_the_original_computation(seed):
     members = [(raw_scores[:, m].numpy(), raw_maps[:, m].numpy()) for m in range(raw_scores.shape[1])]
     expected = oracle.evaluate(members, masks.numpy() / 255.0, labels.numpy())
     for name in METRIC_NAMES:
-        assert result[name] == pytest.approx(expected[name], abs=1e-6), name
-    assert torch.equal(result["indices"], torch.arange(len(labels)))
+        assert getattr(result, name) == pytest.approx(expected[name], abs=1e-6), name
+    assert torch.equal(result.indices, torch.arange(len(labels)))
 
 
 def test_undefined_metrics_are_nan_not_silent_numbers():
@@ -66,7 +70,7 @@ def test_undefined_metrics_are_nan_not_silent_numbers():
     good = slice(0, 3)
     metric.update(raw_scores[good], raw_maps[good], masks[good], labels[good], torch.arange(3))
     result = metric.compute()
-    assert all(np.isnan(result[name]) for name in METRIC_NAMES)
+    assert all(np.isnan(getattr(result, name)) for name in METRIC_NAMES)
 
 
 def test_repeated_image_is_an_error():
@@ -124,8 +128,8 @@ def test_evaluation_compute_keeps_no_full_size_copy_of_the_maps(monkeypatch):
     reference.update(raw_scores, raw_maps, masks, labels, torch.arange(12))
     expected = reference.compute()
     for name in METRIC_NAMES:
-        assert result[name] == expected[name], name
-    assert torch.equal(result["maps"], _whole_set_ensemble(raw_scores, raw_maps)[1])
+        assert getattr(result, name) == getattr(expected, name), name
+    assert torch.equal(result.maps, _whole_set_ensemble(raw_scores, raw_maps)[1])
 
 
 @pytest.mark.parametrize("seed", [0, 1])
@@ -169,10 +173,41 @@ def test_image_auroc_is_torchmetrics_to_the_exact_value(n, positives, decimals):
     assert abs(float(binary_auroc(scores, labels, thresholds=None)) - exact) < 1e-6  # float32 on its own
 
 
-def test_evaluate_is_the_image_auroc_and_the_pixel_metrics():
+def test_evaluate_takes_the_raw_outputs_and_returns_a_typed_result():
+    raw_scores, raw_maps, masks, labels = _category(3, n=9)
+    result = evaluate(raw_scores, raw_maps, labels, masks)
+    assert isinstance(result, Evaluation)
+    members = [(raw_scores[:, m].numpy(), raw_maps[:, m].numpy()) for m in range(raw_scores.shape[1])]
+    expected = oracle.evaluate(members, masks.numpy() / 255.0, labels.numpy())
+    for name in METRIC_NAMES:  # 1e-6: the oracle's float64 sklearn against our exact counts on float32 maps
+        assert getattr(result, name) == pytest.approx(expected[name], abs=1e-6), name
+    scores, maps = ensemble(raw_scores, raw_maps)
+    assert torch.equal(result.scores, scores) and torch.equal(result.maps, maps)
+    assert torch.equal(result.masks, masks) and torch.equal(result.raw_scores, raw_scores)
+    assert result.metrics() == normalised_metrics(scores, maps, masks, labels)
+    raw_thresholds = thresholds(raw_scores.mean(dim=1), raw_maps.mean(dim=1), masks, labels)
+    assert result.row() == {**result.metrics(), **raw_thresholds}
+    assert list(result.row()) == [*METRIC_NAMES, *THRESHOLD_NAMES]
+    # images in any order, named by their indices: the same result, ordered by index
+    order = torch.randperm(9, generator=torch.Generator().manual_seed(3))
+    shuffled = evaluate(raw_scores[order], raw_maps[order], labels[order], masks[order], indices=order)
+    assert shuffled.row() == result.row() and torch.equal(shuffled.maps, result.maps)
+    assert torch.equal(shuffled.indices, torch.arange(9))
+    # the Metric's compute is evaluate's result
+    metric = PatchCoreEvaluation()
+    for chunk in order.split(4):
+        metric.update(raw_scores[chunk], raw_maps[chunk], masks[chunk], labels[chunk], chunk)
+    computed = metric.compute()
+    assert isinstance(computed, Evaluation) and computed.row() == result.row()
+    assert torch.equal(computed.maps, result.maps)
+    with pytest.raises(ValueError, match="one label, mask and index per image"):
+        evaluate(raw_scores, raw_maps, labels[:-1], masks)
+
+
+def test_normalised_metrics_are_the_image_auroc_and_the_pixel_metrics():
     raw_scores, raw_maps, masks, labels = _category(2)
     scores, maps = ensemble(raw_scores, raw_maps)
-    result = evaluate(scores, maps, masks, labels)
+    result = normalised_metrics(scores, maps, masks, labels)
     assert list(result) == list(METRIC_NAMES)
     assert result["instance_auroc"] == pytest.approx(roc_auc_score(labels.numpy(), scores.numpy()), abs=1e-7)
     assert {k: result[k] for k in METRIC_NAMES[1:]} == pixel_metrics(maps, masks)

@@ -161,7 +161,7 @@ def test_the_originals_own_maps_give_its_metrics():
     )
     result = evaluation.compute()
     for name, value in META["metrics"].items():
-        assert result[name] == pytest.approx(value, abs=1e-10), name
+        assert getattr(result, name) == pytest.approx(value, abs=1e-10), name
 
 
 def test_the_shipped_weights_are_the_seed0_draw():

@@ -4,6 +4,7 @@ direction, and nothing run at import time."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -87,3 +88,34 @@ def test_the_computation_does_not_import_lightning():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_global_state_is_set_by_the_cli_only():
+    """Warning filters, TF32 flags, seeds and environment reads like PL_GLOBAL_SEED appear in cli.py
+    alone: the model, the module, the data and the metrics take what they need as arguments."""
+    found = []
+    for name, tree in _modules().items():
+        if name == "patchcore_lightning.cli":
+            continue
+        for node in ast.walk(tree):
+            text = ast.unparse(node) if isinstance(node, (ast.Call, ast.Assign, ast.Subscript)) else ""
+            setter = r"warnings\.(filterwarnings|simplefilter|resetwarnings)\b"
+            if isinstance(node, ast.Call) and re.match(setter, text):
+                found.append(f"{name}:{node.lineno}: {text}")
+            elif isinstance(node, ast.Assign) and "allow_tf32" in text.split("=")[0]:
+                found.append(f"{name}:{node.lineno}: {text}")
+            elif isinstance(node, ast.Call) and re.match(r"(torch\.manual_seed|seed_everything)\(", text):
+                if not _inside_fork_rng(tree, node):
+                    found.append(f"{name}:{node.lineno}: {text}")
+            elif "PL_GLOBAL_SEED" in text:
+                found.append(f"{name}:{node.lineno}: {text}")
+    assert found == []
+
+
+def _inside_fork_rng(tree: ast.Module, call: ast.Call) -> bool:
+    """Whether ``call`` runs inside ``with torch.random.fork_rng(...)`` (the RNG is restored after it)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.With) and any("fork_rng" in ast.unparse(item.context_expr) for item in node.items):
+            if any(inner is call for inner in ast.walk(node)):
+                return True
+    return False

@@ -66,8 +66,9 @@ def test_predict_scores_equal_test_raw_scores(folder, resnet18_weights, tmp_path
 
     cli = PatchCoreCLI(args=["test", *_common(resnet18_weights, tmp_path / "test"), "--data.root", str(FIXTURE / "data"),
                              "--data.categories", "[weave]"])
-    result = cli.model.result
-    raw = {cli.datamodule.test_dataset.samples[int(i)].image: float(s) for i, s in zip(result["indices"], result["raw_scores"][:, 0])}
+    result = cli.evaluation
+    samples = cli.datamodule.test_dataset.samples
+    raw = {samples[int(i)].image: float(s) for i, s in zip(result.indices, result.raw_scores[:, 0])}
     scores = {r["path"]: float(r["score"]) for r in rows}
     for path, (sample, _) in truth.items():
         assert scores[path] == pytest.approx(raw[sample.image], rel=1e-5), path
@@ -76,7 +77,7 @@ def test_predict_scores_equal_test_raw_scores(folder, resnet18_weights, tmp_path
     # ranking the folder's images by score reproduces the test set's instance AUROC
     labels = [truth[p][1] for p in truth]
     auroc = roc_auc_score(labels, [scores[p] for p in truth])
-    assert auroc == pytest.approx(result["instance_auroc"], abs=1e-12) == 0.8125
+    assert auroc == pytest.approx(result.instance_auroc, abs=1e-12) == 0.8125
     heatmap = tmp_path / "pred" / "heatmaps" / "day2" / "cam0" / "good" / "000.png.png"
     assert Image.open(heatmap).size == (2 * 224, 224 + 18)
     assert np.load(heatmap.with_suffix(".npy")).shape == (224, 224)

@@ -61,7 +61,7 @@ def test_f1_max_without_positives_is_nan():
 def tested(tmp_path_factory, resnet18_weights):
     out = tmp_path_factory.mktemp("thresholds")
     cli = PatchCoreCLI(args=["test", *fixture_args(resnet18_weights, out)])
-    return out, cli.model.result
+    return out, cli.evaluation
 
 
 def test_thresholds_csv_holds_sklearns_f1_max_on_the_raw_outputs(tested, resnet18_weights):
@@ -70,8 +70,8 @@ def test_thresholds_csv_holds_sklearns_f1_max_on_the_raw_outputs(tested, resnet1
         table = list(csv.reader(handle))
     assert table[0] == ["dataset_name", "image_threshold", "image_f1", "pixel_threshold", "pixel_f1"]
     row = read_thresholds(out / "thresholds.csv")["mvtec_weave"]
-    labels = result["labels"].numpy() == 1
-    scores = result["raw_scores"].mean(dim=1).numpy()  # the raw image score predict reports
+    labels = result.labels.numpy() == 1
+    scores = result.raw_scores.mean(dim=1).numpy()  # the raw image score predict reports
     assert row["image_f1"] == pytest.approx(_sklearn_f1_max(scores, labels), abs=1e-12)
     assert _f1_at(scores, labels, row["image_threshold"]) == pytest.approx(row["image_f1"], abs=1e-12)
     # the raw segmentations, computed again the way the CLI computes them (same batches)
@@ -80,7 +80,7 @@ def test_thresholds_csv_holds_sklearns_f1_max_on_the_raw_outputs(tested, resnet1
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     with torch.no_grad():
         maps = torch.cat([model(batch)[1].mean(dim=1) for batch in images.split(3)]).numpy()
-    truth = result["masks"].numpy() == 255
+    truth = result.masks.numpy() == 255
     assert row["pixel_f1"] == pytest.approx(_sklearn_f1_max(maps, truth), abs=1e-9)
     assert _f1_at(maps, truth, row["pixel_threshold"]) == pytest.approx(row["pixel_f1"], abs=1e-9)
     events = EventAccumulator(str(next((out / "lightning_logs").iterdir())), size_guidance={"scalars": 0})

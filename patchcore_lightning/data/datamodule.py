@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import warnings
 from typing import Literal
 
 import lightning as L
@@ -182,8 +181,6 @@ class AnomalyDataModule(L.LightningDataModule):
         if stage == "predict" and self.predict_dataset is None:
             if not h.predict_dir:
                 raise DataError("predict needs data.predict_dir: the folder of images to score")
-            # ShardBatches returns every index (no drop_last to set), which Lightning cannot tell
-            warnings.filterwarnings("ignore", r"You are using a custom batch sampler `ShardBatches` for prediction")
             self.predict_dataset = ImageFolderDataset(h.predict_dir, h.resize, h.imagesize)
 
     def _loader(self, dataset: Dataset) -> DataLoader:
