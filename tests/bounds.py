@@ -114,25 +114,35 @@ def aupro_bound(n_pixels: int, fpr_limit: float) -> float:
     return 2 * (5 * n_pixels + 20) * F64 / fpr_limit
 
 
-def score_shift_bound(score, bank_norm: float):
+def score_shift_bound(score, bank_norm: float, rounding: float = FEATURE_ROUNDING):
     """How far an image or patch score (a squared nearest-neighbour distance, as the original's) of
     two float32 forwards in other kernels (another batch size, thread count, process) can be apart:
     each feature is within FEATURE_ROUNDING |x| of the exact one, |x| <= |y| + sqrt(d) for its
     neighbour y (``bank_norm``: the largest bank norm), d moves by feature_shift_bound, the exact
     search rounds d once; the mean over neighbours and the max over patches move no further. Twice,
-    one per side."""
+    one per side. ``rounding``: each side's relative feature error where less than FEATURE_ROUNDING
+    differs (EMBED_ROUNDING: the same backbone kernels, only the patch aggregation's order differs)."""
     score = torch.as_tensor(score, dtype=torch.float64)
-    e = FEATURE_ROUNDING * (bank_norm + score.sqrt())
+    e = rounding * (bank_norm + score.sqrt())
     root = score.sqrt() + e  # >= sqrt of the exact distance
     return 2 * (2 * root * e + e * e + U * score)
 
 
-def metric_shift_bounds(members, bank_norms, truth: np.ndarray, labels: np.ndarray, subset=None) -> dict[str, float]:
+# The patch aggregation of non-negative (post-ReLU) layer outputs: bilinear (<= 6 roundings) and two
+# adaptive poolings (windows of at most 64 values here, and a division each): no cancellation, so each
+# feature element is within gamma_80 of itself, |error| <= 80 u |x| per side (Higham (3.5)).
+EMBED_ROUNDING = 80 * U
+
+
+def metric_shift_bounds(
+    members, bank_norms, truth: np.ndarray, labels: np.ndarray, subset=None, rounding: float = FEATURE_ROUNDING
+) -> dict[str, float]:
     """How far the five metrics of an ensemble can move between two float32 runs in other kernels
     (ours and the transcribed original's, which embeds one image at a time), from one run's raw
     outputs: ``members`` [(scores (N,), maps (N, H, W))], ``bank_norms`` the largest norm of each
     member's bank, ``truth`` (N, H, W) the anomalous pixels, ``labels`` (N,), ``subset`` (N,) the
-    images of the anomaly-only metrics (default: those with an anomalous pixel).
+    images of the anomaly-only metrics (default: those with an anomalous pixel), ``rounding`` as in
+    score_shift_bound.
 
     Each member's scores move by score_shift_bound (its patches too: their distances are at most the
     image's), its maps as far (bilinear and blur are convex) plus both runs' blur rounding; the
@@ -143,7 +153,7 @@ def metric_shift_bounds(members, bank_norms, truth: np.ndarray, labels: np.ndarr
     norm_scores, norm_maps = [], []
     for (scores, maps), bank_norm in zip(members, bank_norms):
         scores, maps = np.asarray(scores, dtype=np.float64), np.asarray(maps, dtype=np.float64)
-        delta = float(score_shift_bound(scores.max(), bank_norm))
+        delta = float(score_shift_bound(scores.max(), bank_norm, rounding))
         span = scores.max() - scores.min()
         score_delta += 4 * delta / (span - 2 * delta) / len(members)
         delta = delta + float(chain_bound(2 * (33 + 1) + 6, maps.max()))
@@ -151,7 +161,8 @@ def metric_shift_bounds(members, bank_norms, truth: np.ndarray, labels: np.ndarr
         map_delta += 4 * delta / (span - 2 * delta) / len(members)
         norm_scores.append((scores - scores.min()) / (scores.max() - scores.min()))
         norm_maps.append((maps - maps.min()) / span)
-    return metric_bounds(np.mean(norm_scores, axis=0), np.mean(norm_maps, axis=0), truth, labels, score_delta, map_delta, subset)
+    scores, maps = np.mean(norm_scores, axis=0), np.mean(norm_maps, axis=0)
+    return metric_bounds(scores, maps, truth, labels, score_delta, map_delta, subset)
 
 
 def metric_bounds(scores, maps, truth, labels, score_delta: float, map_delta: float, subset=None) -> dict[str, float]:
@@ -167,7 +178,8 @@ def metric_bounds(scores, maps, truth, labels, score_delta: float, map_delta: fl
         "instance_auroc": auroc_shift_bound(scores, labels, score_delta) + trapezoid_bound(len(scores) + 1),
         "full_pixel_auroc": auroc_shift_bound(maps, truth, map_delta) + trapezoid_bound(maps.size + 1),
         "full_pro": pro_shift_bound(maps, ~truth, map_delta) + aupro_bound(maps.size, 0.3),
-        "anomaly_pixel_auroc": auroc_shift_bound(maps[subset], truth[subset], map_delta) + trapezoid_bound(maps.size + 1),
+        "anomaly_pixel_auroc": auroc_shift_bound(maps[subset], truth[subset], map_delta)
+        + trapezoid_bound(maps.size + 1),
         "anomaly_pro": pro_shift_bound(maps[subset], ~truth[subset], map_delta) + aupro_bound(maps.size, 0.3),
     }
 
