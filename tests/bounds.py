@@ -76,3 +76,126 @@ def pro_shift_bound(scores: np.ndarray, normal: np.ndarray, delta: float, fpr_li
         return 0.0
     hi = np.searchsorted(neg, neg + 2 * float(delta), side="right")
     return float((hi - np.arange(len(neg))).max()) / len(neg) / fpr_limit
+
+
+# ---------------------------------------------------------------- bounds of the other numeric tests
+
+F64 = 2.0**-53  # float64's unit roundoff
+
+
+def chain_bound(roundings: int, magnitude, unit: float = U):
+    """How far two evaluations of the same sums of products, in any order and by any kernel, can be
+    apart: each is within gamma_k = k u / (1 - k u) of the exact value times the sum of the absolute
+    terms (``magnitude``), k the most roundings on one path from an input to the result (Higham 2002,
+    Lemma 3.1 and (3.5)); deterministic, so it holds on any CPU. Returns 2 gamma_k magnitude."""
+    return 2 * roundings * unit / (1 - roundings * unit) * magnitude
+
+
+def trapezoid_bound(n_points: int, unit: float = F64) -> float:
+    """The rounding of an area under a curve of ``n_points`` points with coordinates in [0, 1], each a
+    count divided by a total (one rounding), by the trapezoid rule in precision ``unit`` (sklearn's
+    roc_auc_score in float64, torchmetrics' in float32): each Δx of two rounded coordinates is off by
+    at most 2u, the y's by u, each term Δx (y0 + y1) / 2 rounds 3 times, the sum n times; all of it
+    on an area <= 1: (3n + 8) u."""
+    return (3 * n_points + 8) * unit
+
+
+# F1 = 2 P R / (P + R) from P = TP / (TP + FP) and R = TP / (TP + FN) (sklearn's precision-recall
+# curve): 5 roundings, each relative, of values <= 2; 2 TP / (2 TP + FP + FN) from integer counts is
+# one correctly rounded division (ours), the same bits wherever the counts are the same.
+F1_BOUND = 8 * F64
+
+
+def aupro_bound(n_pixels: int, fpr_limit: float) -> float:
+    """How far two float64 AUPRO computations (up to ``fpr_limit``, normalised by it) of the same
+    ``n_pixels`` scores can be apart: each PRO is a sum of up to n terms, total <= 1 (off by n u),
+    each FPR an integer count divided once; the trapezoids (3n + 8) u of an area <= fpr_limit; the
+    interpolation at the limit a few u; divided by fpr_limit; twice, one per side."""
+    return 2 * (5 * n_pixels + 20) * F64 / fpr_limit
+
+
+def score_shift_bound(score, bank_norm: float, rounding: float = FEATURE_ROUNDING):
+    """How far an image or patch score (a squared nearest-neighbour distance, as the original's) of
+    two float32 forwards in other kernels (another batch size, thread count, process) can be apart:
+    each feature is within FEATURE_ROUNDING |x| of the exact one, |x| <= |y| + sqrt(d) for its
+    neighbour y (``bank_norm``: the largest bank norm), d moves by feature_shift_bound, the exact
+    search rounds d once; the mean over neighbours and the max over patches move no further. Twice,
+    one per side. ``rounding``: each side's relative feature error where less than FEATURE_ROUNDING
+    differs (EMBED_ROUNDING: the same backbone kernels, only the patch aggregation's order differs)."""
+    score = torch.as_tensor(score, dtype=torch.float64)
+    e = rounding * (bank_norm + score.sqrt())
+    root = score.sqrt() + e  # >= sqrt of the exact distance
+    return 2 * (2 * root * e + e * e + U * score)
+
+
+# The patch aggregation of non-negative (post-ReLU) layer outputs: bilinear (<= 6 roundings) and two
+# adaptive poolings (windows of at most 64 values here, and a division each): no cancellation, so each
+# feature element is within gamma_80 of itself, |error| <= 80 u |x| per side (Higham (3.5)).
+EMBED_ROUNDING = 80 * U
+
+
+def metric_shift_bounds(
+    members, bank_norms, truth: np.ndarray, labels: np.ndarray, subset=None, rounding: float = FEATURE_ROUNDING
+) -> dict[str, float]:
+    """How far the five metrics of an ensemble can move between two float32 runs in other kernels
+    (ours and the transcribed original's, which embeds one image at a time), from one run's raw
+    outputs: ``members`` [(scores (N,), maps (N, H, W))], ``bank_norms`` the largest norm of each
+    member's bank, ``truth`` (N, H, W) the anomalous pixels, ``labels`` (N,), ``subset`` (N,) the
+    images of the anomaly-only metrics (default: those with an anomalous pixel), ``rounding`` as in
+    score_shift_bound.
+
+    Each member's scores move by score_shift_bound (its patches too: their distances are at most the
+    image's), its maps as far (bilinear and blur are convex) plus both runs' blur rounding; the
+    min-max normalisation turns a move of delta into at most 4 delta / (span - 2 delta); the mean
+    over members moves by the mean of theirs. The metrics then move by auroc_shift_bound and
+    pro_shift_bound, plus their own float64 rounding."""
+    score_delta = map_delta = 0.0
+    norm_scores, norm_maps = [], []
+    for (scores, maps), bank_norm in zip(members, bank_norms):
+        scores, maps = np.asarray(scores, dtype=np.float64), np.asarray(maps, dtype=np.float64)
+        delta = float(score_shift_bound(scores.max(), bank_norm, rounding))
+        span = scores.max() - scores.min()
+        score_delta += 4 * delta / (span - 2 * delta) / len(members)
+        delta = delta + float(chain_bound(2 * (33 + 1) + 6, maps.max()))
+        span = maps.max() - maps.min()
+        map_delta += 4 * delta / (span - 2 * delta) / len(members)
+        norm_scores.append((scores - scores.min()) / (scores.max() - scores.min()))
+        norm_maps.append((maps - maps.min()) / span)
+    scores, maps = np.mean(norm_scores, axis=0), np.mean(norm_maps, axis=0)
+    return metric_bounds(scores, maps, truth, labels, score_delta, map_delta, subset)
+
+
+def metric_bounds(scores, maps, truth, labels, score_delta: float, map_delta: float, subset=None) -> dict[str, float]:
+    """How far the five metrics of normalised ``scores`` (N,) and ``maps`` (N, H, W) can move when
+    the scores move by at most ``score_delta`` and the maps by ``map_delta``: auroc_shift_bound and
+    pro_shift_bound, plus the float64 rounding of the metrics themselves (trapezoid_bound, aupro_bound).
+    ``truth`` (N, H, W) the anomalous pixels, ``labels`` (N,), ``subset`` (N,) the images of the
+    anomaly-only metrics (default: those with an anomalous pixel)."""
+    scores, maps = np.asarray(scores, dtype=np.float64), np.asarray(maps, dtype=np.float64)
+    truth, labels = np.asarray(truth, dtype=bool), np.asarray(labels).astype(bool)
+    subset = truth.reshape(len(truth), -1).any(axis=1) if subset is None else np.asarray(subset, dtype=bool)
+    return {
+        "instance_auroc": auroc_shift_bound(scores, labels, score_delta) + trapezoid_bound(len(scores) + 1),
+        "full_pixel_auroc": auroc_shift_bound(maps, truth, map_delta) + trapezoid_bound(maps.size + 1),
+        "full_pro": pro_shift_bound(maps, ~truth, map_delta) + aupro_bound(maps.size, 0.3),
+        "anomaly_pixel_auroc": auroc_shift_bound(maps[subset], truth[subset], map_delta)
+        + trapezoid_bound(maps.size + 1),
+        "anomaly_pro": pro_shift_bound(maps[subset], ~truth[subset], map_delta) + aupro_bound(maps.size, 0.3),
+    }
+
+
+def embed_bound(maps, patchsize: int, pretrain_dim: int, target_dim: int) -> torch.Tensor:
+    """How far two float32 evaluations of the patch features of ``maps`` [(B, C, h, w) a layer] can
+    be apart, elementwise: patchify copies; the bilinear resize is 4 products of 2 weights, summed
+    (<= 6 roundings); each adaptive pooling sums a window of at most ceil(n / m) + 1 values and
+    divides (bounds.chain_bound). All weights are non-negative, so the sum of the absolute terms is
+    the same chain on |maps|, computed here in float64 (the transcribed original's chain)."""
+    from . import original_oracle as oracle
+
+    layers = [f"l{i}" for i in range(len(maps))]
+    magnitude, _ = oracle.embed(
+        {name: m.abs().double() for name, m in zip(layers, maps)}, layers, patchsize, pretrain_dim, target_dim
+    )
+    first = max(math.ceil(m.shape[1] * patchsize**2 / pretrain_dim) for m in maps) + 1
+    second = math.ceil(len(maps) * pretrain_dim / target_dim) + 1
+    return chain_bound(6 + first + 1 + second + 1, magnitude)

@@ -20,6 +20,8 @@ from patchcore_lightning.backbones import (
     resolve_weights_path,
 )
 
+from .bounds import chain_bound
+
 
 def test_unknown_backbone_lists_the_supported_names():
     with pytest.raises(ValueError, match="unsupported backbone 'vgg16'; supported: densenet201, resnet101, resnet18"):
@@ -52,7 +54,7 @@ def test_extractor_stops_after_the_last_layer_and_matches_the_full_model(resnet1
     for h in hooks:
         h.remove()
     assert set(out) == {"layer2", "layer3"}
-    torch.testing.assert_close(out["layer3"], captured["layer3"])
+    assert torch.equal(out["layer3"], captured["layer3"])  # the same modules on the same input: the same kernels
     assert out["layer2"].shape == (2, 128, 8, 8)
 
 
@@ -97,7 +99,10 @@ def test_bn_warmup_replays_one_train_mode_forward_of_ones():
         stem = model.conv1(torch.ones(1, 3, 32, 32))
     expected_mean = 0.9 * torch.zeros(64) + 0.1 * stem.mean(dim=(0, 2, 3))
     original_bn_warmup(extractor, (3, 32, 32))
-    torch.testing.assert_close(bn.running_mean, expected_mean)
+    # BatchNorm's own mean of the 16*16 values: another sum order, each within gamma_(256 + 3) of
+    # 0.1 * mean |stem| (bounds.chain_bound)
+    tolerance = chain_bound(256 + 3, 0.1 * stem.abs().mean(dim=(0, 2, 3)))
+    assert bool(((bn.running_mean - expected_mean).abs() <= tolerance).all())
     assert not extractor.training and int(bn.num_batches_tracked) == 1
     assert int(model.layer3[0].bn1.num_batches_tracked) == 0  # past the last layer: untouched
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import faiss
 import numpy as np
 import pytest
 
@@ -14,6 +15,7 @@ from patchcore_lightning.cli import main
 from patchcore_lightning.reporting import RESULTS_COLUMNS, read_results
 
 from . import original_oracle as oracle
+from .bounds import EMBED_ROUNDING, metric_shift_bounds
 from .conftest import original_params, write_original_model
 
 pytestmark = pytest.mark.kernels  # repeated by .ci/run under other CPU kernels
@@ -49,9 +51,17 @@ def models(tmp_path_factory, mvtec_root, resnet18_weights):
     return {"alpha": alpha, "beta": beta}
 
 
-def _expected(category_dir: Path, folder: Path, weights: Path) -> dict[str, float]:
+def _expected(category_dir: Path, folder: Path, weights: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """The original's metrics, and how far ours may be from them: both run the backbone on one image at
+    a time (_cli_args), the same kernels; the patch aggregation sums in other orders (EMBED_ROUNDING),
+    carried to the metrics by bounds.metric_shift_bounds from the original's raw outputs."""
     images, masks, labels = oracle.load_test_set(category_dir, RESIZE, IMAGESIZE)
-    return oracle.evaluate(oracle.predict_folder(folder, {"resnet18": weights}, images), masks, labels)
+    members = oracle.predict_folder(folder, {"resnet18": weights}, images)
+    indexes = [faiss.read_index(str(p)) for p in sorted(folder.glob("*.faiss"))]  # the members' order
+    norms = [np.linalg.norm(index.reconstruct_n(0, index.ntotal), axis=1).max() for index in indexes]
+    subset = masks.reshape(len(masks), -1).sum(1) > 0
+    bounds = metric_shift_bounds(members, norms, masks.astype(int) == 1, labels, subset, EMBED_ROUNDING)
+    return oracle.evaluate(members, masks, labels), bounds
 
 
 def _cli_args(mvtec_root, paths, weights, results_dir, *extra) -> list[str]:
@@ -61,7 +71,7 @@ def _cli_args(mvtec_root, paths, weights, results_dir, *extra) -> list[str]:
         "--data.categories", "[alpha,beta]",
         "--data.resize", str(RESIZE),
         "--data.imagesize", str(IMAGESIZE),
-        "--data.batch_size", "2",
+        "--data.batch_size", "1",  # as the original: the same convolution kernels, so the same layer outputs
         "--data.num_workers", "0",
         "--model.model_paths", "[" + ",".join(str(p) for p in paths) + "]",
         "--model.backbone_weights", weights,
@@ -83,11 +93,11 @@ def test_single_and_ensemble_folders_match_the_original(models, mvtec_root, resn
     assert [row[0] for row in table[1:]] == ["mvtec_alpha", "mvtec_beta", "mean"]
     rows = read_results(tmp_path / "results.csv")
     for category in ("alpha", "beta"):
-        expected = _expected(mvtec_root / category, models[category], resnet18_weights)
+        expected, bounds = _expected(mvtec_root / category, models[category], resnet18_weights)
         for name in RESULTS_COLUMNS:
-            assert rows[f"mvtec_{category}"][name] == pytest.approx(expected[name], abs=1e-5), (category, name)
-    for name in RESULTS_COLUMNS:
-        assert rows["mean"][name] == pytest.approx((rows["mvtec_alpha"][name] + rows["mvtec_beta"][name]) / 2, abs=1e-15)
+            assert abs(rows[f"mvtec_{category}"][name] - expected[name]) <= bounds[name], (category, name, bounds[name])
+    for name in RESULTS_COLUMNS:  # np.mean of two float64s: (a + b) / 2, the same bits
+        assert rows["mean"][name] == (rows["mvtec_alpha"][name] + rows["mvtec_beta"][name]) / 2
     # the table differs between the two models, so the ensemble really used both members
     assert rows["mvtec_alpha"] != rows["mvtec_beta"]
     images = sorted(p.name for p in (tmp_path / "segmentation_images" / "mvtec_beta").iterdir())
@@ -99,9 +109,9 @@ def test_single_and_ensemble_folders_match_the_original(models, mvtec_root, resn
 def test_one_model_path_serves_every_category_and_weights_mapping(models, mvtec_root, resnet18_weights, tmp_path):
     main(_cli_args(mvtec_root, [models["alpha"]], f"{{resnet18: {resnet18_weights}}}", tmp_path))
     rows = read_results(tmp_path / "results.csv")
-    expected = _expected(mvtec_root / "beta", models["alpha"], resnet18_weights)
-    assert rows["mvtec_beta"]["instance_auroc"] == pytest.approx(expected["instance_auroc"], abs=1e-5)
-    assert rows["mvtec_beta"]["full_pro"] == pytest.approx(expected["full_pro"], abs=1e-5)
+    expected, bounds = _expected(mvtec_root / "beta", models["alpha"], resnet18_weights)
+    for name in ("instance_auroc", "full_pro"):
+        assert abs(rows["mvtec_beta"][name] - expected[name]) <= bounds[name], (name, bounds[name])
 
 
 def _run_cli(*args: str) -> subprocess.CompletedProcess:

@@ -17,6 +17,7 @@ from patchcore_lightning.embedding import (
 )
 
 from . import original_oracle as oracle
+from .bounds import embed_bound
 
 pytestmark = pytest.mark.kernels  # repeated by .ci/run under other CPU kernels
 
@@ -37,7 +38,8 @@ def test_embed_equals_the_original_chain(shapes, patchsize, pre, target):
     expected, ref = oracle.embed(dict(zip(layers, maps)), layers, patchsize, pre, target)
     ours, grid = embed(maps, patchsize, 1, pre, target)
     assert list(grid) == list(ref)
-    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+    # the oracle resizes each block entry as a one-channel image: other kernels, bounded by embed_bound
+    assert bool(((ours - expected).abs() <= embed_bound(maps, patchsize, pre, target)).all())
 
 
 def test_patchify_blocks_are_zero_padded_neighbourhoods_in_c_p_p_order():
@@ -120,7 +122,7 @@ def test_embed_wideresnet50_shapes_bit_for_bit():
     expected, _ = oracle.embed({"layer2": maps[0], "layer3": maps[1]}, ["layer2", "layer3"], 3, 1024, 1024)
     ours, grid = embed(maps, 3, 1, 1024, 1024)
     assert grid == (28, 28)
-    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)  # its resizing layout rounds differently
+    assert bool(((ours - expected).abs() <= embed_bound(maps, 3, 1024, 1024)).all())  # its resizing layout rounds differently
     assert torch.equal(ours, aggregate_layers([patchify(m, 3) for m in maps], 1024, 1024))
     channels_last, _ = embed([m.contiguous(memory_format=torch.channels_last) for m in maps], 3, 1, 1024, 1024)
     assert torch.equal(channels_last, ours)

@@ -20,6 +20,7 @@ from patchcore_lightning.cli import main
 from patchcore_lightning.reporting import RESULTS_COLUMNS, read_results
 
 from . import original_oracle as oracle
+from .bounds import FEATURE_ROUNDING
 
 RESIZE, IMAGESIZE = 72, 64
 
@@ -71,9 +72,10 @@ def test_fit_writes_the_original_format(fitted, mvtec_root, resnet18_weights):
     # every bank vector is one of the training patch features, computed the original's way
     run = oracle.build_backbone("resnet18", resnet18_weights, ("layer2", "layer3"), (3, IMAGESIZE, IMAGESIZE))
     feats, _ = oracle.embed(run(oracle.load_train_images(mvtec_root / "alpha", RESIZE, IMAGESIZE)), ("layer2", "layer3"), 3, 96, 64)
-    bank = np.asarray(index.reconstruct_n(0, index.ntotal))
-    d = ((bank[:, None, :] - feats.numpy()[None]) ** 2).sum(-1).min(axis=1)
-    assert d.max() < 1e-6 * np.abs(bank).max() ** 2 * 64
+    bank = np.asarray(index.reconstruct_n(0, index.ntotal), dtype=np.float64)
+    d = ((bank[:, None, :] - feats.double().numpy()[None]) ** 2).sum(-1).min(axis=1)
+    # two float32 forwards in other batches (other kernels), each within FEATURE_ROUNDING |x| of the exact
+    assert bool((np.sqrt(d) <= 2 * FEATURE_ROUNDING * (1 + FEATURE_ROUNDING) * np.linalg.norm(bank, axis=1)).all())
     sidecar = json.loads((folder / "patchcore_lightning.json").read_text())
     assert sidecar["sampler"] == "approx_greedy_coreset" and sidecar["percentage"] == 0.25
     assert sidecar["n_train_images"] == 3 and len(sidecar["weights_sha256"]["resnet18"]) == 64

@@ -25,6 +25,7 @@ from patchcore_lightning.metrics import (
 )
 
 from . import original_oracle as oracle
+from .bounds import U, chain_bound, metric_bounds, trapezoid_bound
 
 
 def _category(seed: int, n: int = 6, members: int = 2, size: int = 16):
@@ -46,7 +47,7 @@ def test_binary_auroc_sigmoid_trap_is_real_and_avoided():
     assert float(binary_auroc(scores, labels)) == 0.5 != expected  # what raw distances would give
     with pytest.raises(ValueError, match="normalised"):
         image_auroc(scores, labels)
-    assert image_auroc(scores / 4000, labels) == pytest.approx(expected, abs=1e-7)
+    assert image_auroc(scores / 4000, labels) == expected  # 3 of 4 pairs: exact in both
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -59,8 +60,12 @@ def test_evaluation_matches_the_original_computation(seed):
     result = metric.compute()
     members = [(raw_scores[:, m].numpy(), raw_maps[:, m].numpy()) for m in range(raw_scores.shape[1])]
     expected = oracle.evaluate(members, masks.numpy() / 255.0, labels.numpy())
+    # the normalised values of both: M-member means of (x - lo) / span <= 1, in float32 by other kernels
+    scores, maps = ensemble(raw_scores, raw_maps)
+    delta = float(chain_bound(raw_scores.shape[1] + 3, 1.0))
+    bounds = metric_bounds(scores, maps, masks == 255, labels, delta, delta, masks.flatten(1).amax(1) > 0)
     for name in METRIC_NAMES:
-        assert getattr(result, name) == pytest.approx(expected[name], abs=1e-6), name
+        assert getattr(result, name) == pytest.approx(expected[name], abs=bounds[name]), name
     assert torch.equal(result.indices, torch.arange(len(labels)))
 
 
@@ -148,8 +153,9 @@ def test_pixel_metrics_agree_with_torchmetrics_and_sklearn(seed):
     for name, (m, t) in {"full": (maps, gt), "anomaly": (maps[subset], gt[subset])}.items():
         expected = roc_auc_score(t.flatten().numpy(), m.flatten().numpy())
         tm = float(binary_auroc(m.flatten(), t.flatten().long(), thresholds=None))
-        assert ours[f"{name}_pixel_auroc"] == pytest.approx(expected, abs=1e-12), name
-        assert ours[f"{name}_pixel_auroc"] == pytest.approx(tm, abs=1e-5), name
+        points = len(np.unique(m.numpy())) + 1  # the curves' points: one a distinct score, and the origin
+        assert ours[f"{name}_pixel_auroc"] == pytest.approx(expected, abs=trapezoid_bound(points)), name  # sklearn's float64
+        assert ours[f"{name}_pixel_auroc"] == pytest.approx(tm, abs=trapezoid_bound(points, U)), name  # torchmetrics' float32
 
 
 @pytest.mark.parametrize(
@@ -169,8 +175,8 @@ def test_image_auroc_is_torchmetrics_to_the_exact_value(n, positives, decimals):
     exact = twice_u / (2 * len(pos) * len(neg))  # the correctly rounded area
     snapped = n * 2 * positives * (n - positives) <= 2**21
     assert image_auroc(scores, labels) == (exact if snapped else float(binary_auroc(scores, labels, thresholds=None)))
-    assert exact == pytest.approx(roc_auc_score(labels.numpy(), scores.double().numpy()), abs=1e-15)
-    assert abs(float(binary_auroc(scores, labels, thresholds=None)) - exact) < 1e-6  # float32 on its own
+    assert exact == pytest.approx(roc_auc_score(labels.numpy(), scores.double().numpy()), abs=trapezoid_bound(n + 1))
+    assert abs(float(binary_auroc(scores, labels, thresholds=None)) - exact) <= trapezoid_bound(n + 1, U)  # float32 on its own
 
 
 def test_evaluate_takes_the_raw_outputs_and_returns_a_typed_result():
@@ -179,9 +185,12 @@ def test_evaluate_takes_the_raw_outputs_and_returns_a_typed_result():
     assert isinstance(result, Evaluation)
     members = [(raw_scores[:, m].numpy(), raw_maps[:, m].numpy()) for m in range(raw_scores.shape[1])]
     expected = oracle.evaluate(members, masks.numpy() / 255.0, labels.numpy())
-    for name in METRIC_NAMES:  # 1e-6: the oracle's float64 sklearn against our exact counts on float32 maps
-        assert getattr(result, name) == pytest.approx(expected[name], abs=1e-6), name
     scores, maps = ensemble(raw_scores, raw_maps)
+    # the oracle normalises in numpy by other kernels: as in test_evaluation_matches_the_original_computation
+    delta = float(chain_bound(raw_scores.shape[1] + 3, 1.0))
+    bounds = metric_bounds(scores, maps, masks == 255, labels, delta, delta, masks.flatten(1).amax(1) > 0)
+    for name in METRIC_NAMES:
+        assert getattr(result, name) == pytest.approx(expected[name], abs=bounds[name]), name
     assert torch.equal(result.scores, scores) and torch.equal(result.maps, maps)
     assert torch.equal(result.masks, masks) and torch.equal(result.raw_scores, raw_scores)
     assert result.metrics() == normalised_metrics(scores, maps, masks, labels)
@@ -209,7 +218,7 @@ def test_normalised_metrics_are_the_image_auroc_and_the_pixel_metrics():
     scores, maps = ensemble(raw_scores, raw_maps)
     result = normalised_metrics(scores, maps, masks, labels)
     assert list(result) == list(METRIC_NAMES)
-    assert result["instance_auroc"] == pytest.approx(roc_auc_score(labels.numpy(), scores.numpy()), abs=1e-7)
+    assert result["instance_auroc"] == pytest.approx(roc_auc_score(labels.numpy(), scores.numpy()), abs=trapezoid_bound(len(labels) + 1))
     assert {k: result[k] for k in METRIC_NAMES[1:]} == pixel_metrics(maps, masks)
 
 
