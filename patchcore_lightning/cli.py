@@ -26,12 +26,13 @@ from .backbones import WeightsError
 from .callbacks import CategoryProgressBar, ModelFolderWriter, PredictionWriter, SegmentationImages, TensorBoardReport
 from .data.datamodule import AnomalyDataModule
 from .data.images import DataError
+from .export import ExportOptions, export_folders
 from .metrics import METRIC_NAMES, THRESHOLD_NAMES
 from .model_io import SIDECAR_FILE, ModelFormatError
 from .module import PatchCoreModule, frozen_model_strategy
 from .reporting import category_fingerprint, mean_row, read_run_state, write_run_state
 
-__all__ = ["PatchCoreCLI", "main"]
+__all__ = ["PatchCoreCLI", "PatchCoreTrainer", "main"]
 
 log = logging.getLogger("patchcore_lightning")
 
@@ -47,6 +48,20 @@ TRAINER_DEFAULTS: dict[str, Any] = {
 }
 
 
+class PatchCoreTrainer(L.Trainer):
+    """Lightning's Trainer with ``export``, the subcommand LightningCLI builds from this signature."""
+
+    def export_models(
+        self, model: PatchCoreModule, datamodule: AnomalyDataModule, export: ExportOptions = ExportOptions()  # noqa: B008
+    ) -> list[Path]:
+        """Export every folder of model.model_paths to ONNX (and OpenVINO IR) under <results_dir>/export/."""
+        return export_folders(model, datamodule, self.default_root_dir, export)
+
+    # The subcommand's name; the function keeps another so that its argument group is not named
+    # ``export`` as well (jsonargparse names a method's group after it, and ``--export.*`` is the options').
+    export = export_models
+
+
 class PatchCoreCLI(LightningCLI):
     """LightningCLI over PatchCoreModule and AnomalyDataModule, with ``results_dir`` and ``resume``."""
 
@@ -58,6 +73,7 @@ class PatchCoreCLI(LightningCLI):
             seed_everything_default=0,
             trainer_defaults=TRAINER_DEFAULTS,
             save_config_callback=None,
+            trainer_class=PatchCoreTrainer,
             args=args,
             run=run,
         )
@@ -202,6 +218,18 @@ class PatchCoreCLI(LightningCLI):
         _refuse_checkpoint(ckpt_path)
         _check_writable(self.results_dir)
         self.trainer.predict(model, datamodule=datamodule, return_predictions=False)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
+
+    def export(self, model: PatchCoreModule, datamodule: AnomalyDataModule, export: ExportOptions = ExportOptions()) -> list[Path]:  # noqa: B008
+        """Write every folder of model.model_paths as ONNX (and OpenVINO IR) under results_dir/export/."""
+        _check_writable(self.results_dir)
+        written = export_folders(model, datamodule, self.results_dir, export)
+        for path in written:
+            print(f"exported {path} and {path.with_name('metadata.json')}")
+        return written
 
     # ------------------------------------------------------------------ helpers
     def _fitted_model_paths(self, model: PatchCoreModule, datamodule: AnomalyDataModule) -> list[str]:

@@ -62,6 +62,7 @@ __all__ = [
     "ExportFormat",
     "ExportOptions",
     "OPENVINO_CONFIG",
+    "export_folders",
     "export_model",
     "pooling_conv_weight",
     "to_openvino",
@@ -137,8 +138,12 @@ class _Pool(nn.Module):
 class _FeatureGraph(nn.Module):
     """uint8 images (B, H, W, 3) → every member's patch features (B, N, D): the part exported from torch."""
 
-    def __init__(self, model: PatchCore, layer_channels: Sequence[Sequence[int]]) -> None:
+    def __init__(self, model: PatchCore, shapes: Sequence[Sequence[tuple[int, int, int]]]) -> None:
         super().__init__()
+        layer_channels = [[c for c, _, _ in member] for member in shapes]
+        # each layer's pooled grid, and the member's patch grid (its first layer's): fixed by the input size
+        self.layer_grids = [[_pooled_grid(h, w, p) for _, h, w in member] for member, p in zip(shapes, model.params)]
+        self.grids = [grids[0] for grids in self.layer_grids]
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         unique: list[nn.Module] = []
@@ -168,34 +173,35 @@ class _FeatureGraph(nn.Module):
             if maps[e] is None:
                 maps[e] = self.extractors[e](x)  # {layer: (B, C, h_l, w_l)}
             pooled = [pool(maps[e][layer]) for pool, layer in zip(self.pools[m], layers)]  # (B, pretrain, h_l, w_l)
-            h0, w0 = pooled[0].shape[-2:]
+            grid = self.grids[m]
             pooled = [
-                q if q.shape[-2:] == (h0, w0) else F.interpolate(q, size=(h0, w0), mode="bilinear", align_corners=False)
-                for q in pooled
-            ]
+                q if size == grid else F.interpolate(q, size=grid, mode="bilinear", align_corners=False)
+                for q, size in zip(pooled, self.layer_grids[m])
+            ]  # (B, pretrain, h, w) each: a later layer resized to the first layer's grid
             feats = self.final[m](torch.cat(pooled, dim=1))  # (B, D, h, w): per patch, layer after layer, pooled
             out.append(feats.flatten(2).transpose(1, 2))  # (B, N, D), patches row-major
         return out
 
 
-def _layer_shapes(model: PatchCore) -> tuple[list[list[int]], list[tuple[int, int]]]:
-    """Each member's layers' channel counts and its patch grid (h, w), from one pass of a zero image."""
-    channels, grids = [], []
+def _pooled_grid(h: int, w: int, p) -> tuple[int, int]:
+    return patch_grid(h, p.patchsize, p.patchstride), patch_grid(w, p.patchsize, p.patchstride)
+
+
+def _layer_shapes(model: PatchCore) -> list[list[tuple[int, int, int]]]:
+    """Each member's layers' (C, h_l, w_l), from one pass of a zero image."""
+    shapes = []
     for p, extractor in zip(model.params, model.extractors):
         with torch.no_grad():
             maps = extractor(torch.zeros(1, *p.input_shape))  # {layer: (1, C, h_l, w_l)}
-        channels.append([int(maps[layer].shape[1]) for layer in p.layers])
-        first = maps[p.layers[0]].shape[-2:]
-        grids.append(tuple(patch_grid(int(s), p.patchsize, p.patchstride) for s in first))
-    return channels, grids
+        shapes.append([tuple(int(s) for s in maps[layer].shape[1:]) for layer in p.layers])
+    return shapes
 
 
 def _export_features(model: PatchCore, path: Path) -> list[tuple[int, int]]:
     """The feature part as an ONNX file at ``path``; returns each member's patch grid (h, w)."""
     import onnx  # the optional ``onnx`` extra
 
-    channels, grids = _layer_shapes(model)
-    graph = _FeatureGraph(model, channels).eval()
+    graph = _FeatureGraph(model, _layer_shapes(model)).eval()
     _, H, W = model.params[0].input_shape
     example = torch.zeros(1, H, W, 3, dtype=torch.uint8)
     names = [f"features{m}" for m in range(len(model))]
@@ -214,7 +220,7 @@ def _export_features(model: PatchCore, path: Path) -> list[tuple[int, int]]:
             do_constant_folding=True,
         )
     onnx.checker.check_model(str(path))
-    return grids
+    return graph.grids
 
 
 # ---------------------------------------------------------------------------------------- search and maps
@@ -505,3 +511,62 @@ def to_openvino(onnx_path: str | os.PathLike) -> Path:
     meta_path.write_text(json.dumps(metadata, indent=2) + "\n")
     log.info("converted to OpenVINO IR -> %s (compile with %s)", xml, OPENVINO_CONFIG)
     return xml
+
+
+def _thresholds(module, folder: str, dataset_name: str) -> dict[str, float | None] | None:
+    """The raw thresholds predict would use for ``folder``: the module's, or its row of thresholds_csv."""
+    from .reporting import read_thresholds
+
+    h = module.hparams
+    if h.thresholds_csv:
+        try:
+            rows = read_thresholds(h.thresholds_csv)
+        except OSError as err:
+            raise FileNotFoundError(f"model.thresholds_csv {h.thresholds_csv} cannot be read: {err.strerror or err}") from None
+        names = [os.path.basename(os.path.normpath(folder)), dataset_name]
+        name = next((n for n in names if n in rows), None)
+        if name is None:
+            raise ValueError(f"{h.thresholds_csv} has no row for {folder} ({' or '.join(dict.fromkeys(names))}); "
+                             f"it has {sorted(rows)}")
+        values = {k: rows[name][k] for k in ("image_threshold", "pixel_threshold")}
+        return {k: None if math.isnan(v) else float(v) for k, v in values.items()}
+    if h.image_threshold is not None or h.pixel_threshold is not None:
+        return {"image_threshold": h.image_threshold, "pixel_threshold": h.pixel_threshold}
+    return None
+
+
+def export_folders(module, datamodule, results_dir: str | os.PathLike, options: ExportOptions) -> list[Path]:
+    """``export``: every folder of ``model.model_paths`` to ``<results_dir>/export/<folder name>/``
+    (model.onnx, metadata.json; model.xml/.bin for ``openvino``). Returns the ONNX files.
+
+    Folder i goes with category i of ``data.categories`` (its dataset name finds its thresholds.csv
+    row when the folder's own name does not); a folder that cannot be loaded fails as in ``test``.
+    """
+    paths = list(module.hparams.model_paths or [])
+    if not paths:
+        raise ValueError("export needs model.model_paths: the model folder(s) to export")
+    names = [os.path.basename(os.path.normpath(p)) for p in paths]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model.model_paths has folders of the same name {names}: each is exported to export/<name>")
+    if not 0 < options.block_mib <= 256:
+        raise ValueError(f"export.block_mib must be in [1, 256], got {options.block_mib}")
+    if options.format not in ("onnx", "openvino"):
+        raise ValueError(f"export.format must be onnx or openvino, got {options.format!r}")
+    h, categories = module.hparams, datamodule.categories
+    written = []
+    for i, (folder, name) in enumerate(zip(paths, names)):
+        model = PatchCore.from_folder(folder, datamodule.imagesize, module.backbone_cache, "auto", h.allow_other_weights)
+        category = categories[i] if len(categories) == len(paths) else categories[0]
+        target = export_model(
+            model,
+            Path(results_dir) / "export" / name,
+            datamodule.hparams.resize,
+            {p.backbone: module.backbone_cache.sha256.get(p.backbone) for p in model.params},
+            _thresholds(module, folder, datamodule.dataset_name_of(category)),
+            source=str(folder),
+            block_bytes=options.block_mib << 20,
+        )
+        if options.format == "openvino":
+            to_openvino(target)
+        written.append(target)
+    return written
