@@ -78,8 +78,10 @@ INPUT_NAME = "images"
 OUTPUT_NAMES = ("score", "member_scores", "segmentation")
 # A (B*N, chunk) float32 distance block at batch 1, and a chunk of bank rows, stay below this.
 DEFAULT_BLOCK_BYTES = 64 << 20
-# ONNX's protobuf limit is 2 GiB; above this the initializers go to model.onnx.data beside the graph.
-EXTERNAL_DATA_ABOVE = 1800 << 20
+# Above this many bytes of initializers they go to model.onnx.data beside the graph: ONNX's protobuf
+# cannot pass 2 GiB, and ONNX Runtime memory-maps external data where it copies embedded tensors out
+# of the parsed file (a 200,000 x 1024 bank: 1.64 GB peak embedded, 1.12 GB beside; benchmarks/README.md).
+EXTERNAL_DATA_ABOVE = 512 << 20
 # OpenVINO's CPU plugin runs in bf16 by default on CPUs with AMX / AVX512-BF16, which moves the
 # scores by ~1e-1; compiled with this it gives predict's numbers. metadata.json carries it.
 OPENVINO_CONFIG = {"INFERENCE_PRECISION_HINT": "f32"}
@@ -447,7 +449,7 @@ def export_model(
         source: the model folder, recorded in metadata.json.
         block_bytes: the largest distance block (and chunk of bank rows) at batch 1; at most 256 MiB.
         external_data: write the initializers to ``model.onnx.data`` beside the graph; by default when
-            they would pass ONNX's 2 GiB protobuf limit.
+            they pass 512 MiB (ONNX's protobuf cannot hold 2 GiB, and ONNX Runtime memory-maps them).
     """
     import onnx
 
@@ -473,9 +475,8 @@ def export_model(
     onnx.helper.set_model_props(full, {"patchcore_metadata_sha256": _graph_digest(metadata),
                                        "patchcore_format_version": str(EXPORT_FORMAT_VERSION)})
     full.producer_name = "patchcore_lightning"
-    bank_bytes = sum(b.vectors.numel() * 4 for b in model.banks)
     if external_data is None:
-        external_data = full.ByteSize() > EXTERNAL_DATA_ABOVE if bank_bytes < EXTERNAL_DATA_ABOVE else True
+        external_data = sum(t.ByteSize() for t in full.graph.initializer) > EXTERNAL_DATA_ABOVE
     data_file = target.with_name("model.onnx.data")
     data_file.unlink(missing_ok=True)
     if external_data:
