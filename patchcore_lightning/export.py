@@ -538,14 +538,19 @@ def _thresholds(module, folder: str, dataset_name: str) -> dict[str, float | Non
 
 def export_folders(module, datamodule, results_dir: str | os.PathLike, options: ExportOptions) -> list[Path]:
     """``export``: every folder of ``model.model_paths`` to ``<results_dir>/export/<folder name>/``
-    (model.onnx, metadata.json; model.xml/.bin for ``openvino``). Returns the ONNX files.
+    (model.onnx, metadata.json; model.xml/.bin for ``openvino``). Returns the ONNX files. Without
+    model_paths, the folders ``fit`` wrote under ``<results_dir>/models/`` for ``data.categories``.
 
     Folder i goes with category i of ``data.categories`` (its dataset name finds its thresholds.csv
     row when the folder's own name does not); a folder that cannot be loaded fails as in ``test``.
     """
     paths = list(module.hparams.model_paths or [])
-    if not paths:
-        raise ValueError("export needs model.model_paths: the model folder(s) to export")
+    if not paths:  # the folders ``fit`` wrote for data.categories, as ``test`` takes them
+        paths = [str(Path(results_dir) / "models" / datamodule.dataset_name_of(c)) for c in datamodule.categories]
+        missing = [p for p in paths if not Path(p).is_dir()]
+        if missing:
+            raise ValueError(f"model.model_paths is empty and fit has not written {missing}: "
+                             f"give the model folder(s) to export")
     names = [os.path.basename(os.path.normpath(p)) for p in paths]
     if len(set(names)) != len(names):
         raise ValueError(f"model.model_paths has folders of the same name {names}: each is exported to export/<name>")

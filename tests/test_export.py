@@ -72,7 +72,7 @@ class Case:
     """One model: test's result, predict's rows and raw maps, the export folder."""
 
     def __init__(self, common: list[str], model_folder: Path, test_dir: Path, out: Path) -> None:
-        self.test_dir, self.out = test_dir, out
+        self.test_dir, self.out, self.common = test_dir, out, common
         cli = PatchCoreCLI(args=["test", *common, "--model.model_paths", f"[{model_folder}]",
                                  "--results_dir", str(out / "test")])
         self.result = cli.model.result
@@ -191,6 +191,16 @@ def test_fixture_model_runtime_equals_predict(fixture_case, tmp_path):
 
 def test_demo_model_runtime_equals_predict(demo_case, tmp_path):
     _check_runtimes(demo_case, tmp_path)
+
+
+def test_export_without_model_paths_takes_the_folders_fit_wrote(demo_case, tmp_path):
+    fit_dir = demo_case.out / "fit"
+    main(["export", *demo_case.common, "--results_dir", str(fit_dir)])
+    meta = json.loads((fit_dir / "export" / "mvtec_grain" / "metadata.json").read_text())
+    assert meta["source"] == str(fit_dir / "models" / "mvtec_grain")
+    assert meta["thresholds"] is None and meta["members"] == demo_case.meta["members"]
+    with pytest.raises(SystemExit):
+        main(["export", *demo_case.common, "--results_dir", str(tmp_path)])  # nothing fit there
 
 
 def test_ensemble_runtime_equals_predict(ensemble_case, tmp_path):
