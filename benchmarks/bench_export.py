@@ -155,6 +155,7 @@ print(json.dumps({"after_load_mib": loaded / 1024, "peak_rss_mib": peak / 1024, 
 
 def memory(workdir: Path) -> dict:
     weights = workdir / "weights" / "resnet18-seed0.pth"
+    weights.parent.mkdir(parents=True, exist_ok=True)
     _python("import sys, torch, torchvision; torch.manual_seed(0); "
             "torch.save(torchvision.models.resnet18(weights=None).state_dict(), sys.argv[1])", str(weights))
     figures = {}

@@ -223,7 +223,9 @@ class PatchCoreCLI(LightningCLI):
     def subcommands() -> dict[str, set[str]]:
         return {**LightningCLI.subcommands(), "export": {"model", "datamodule"}}
 
-    def export(self, model: PatchCoreModule, datamodule: AnomalyDataModule, export: ExportOptions = ExportOptions()) -> list[Path]:  # noqa: B008
+    def export(
+        self, model: PatchCoreModule, datamodule: AnomalyDataModule, export: ExportOptions = ExportOptions()  # noqa: B008
+    ) -> list[Path]:
         """Write every folder of model.model_paths as ONNX (and OpenVINO IR) under results_dir/export/."""
         _check_writable(self.results_dir)
         written = export_folders(model, datamodule, self.results_dir, export)
