@@ -49,14 +49,20 @@ def _mark(name: str, first: bool = True) -> None:
 
 
 class Stopwatch(Callback):
-    """Notes (in the environment, which the wrapper reads at exit) when the first test batch starts,
-    when the last one ends, and where fit's epoch starts, ends and the model is written."""
+    """Notes (in the environment, which the wrapper reads at exit) when the first test (predict) batch
+    starts, when the last one ends, and where fit's epoch starts, ends and the model is written."""
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         _mark("test_first_batch")
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         _mark("test_last_batch", first=False)
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        _mark("predict_first_batch")
+
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        _mark("predict_last_batch", first=False)
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         _mark("fit_epoch_start")

@@ -33,12 +33,13 @@ from .callbacks import CategoryProgressBar, ModelFolderWriter, PredictionWriter,
 from .data.checks import check_split
 from .data.datamodule import AnomalyDataModule
 from .data.images import DataError
+from .export import ExportOptions, export_folders
 from .metrics import METRIC_NAMES, Evaluation
 from .model_io import SIDECAR_FILE, ModelFormatError, check_model_folder
 from .module import EvaluationReceiver, PatchCoreModule, frozen_model_strategy
 from .reporting import category_fingerprint, mean_row, read_results, read_run_state, write_run_state
 
-__all__ = ["PatchCoreCLI", "main"]
+__all__ = ["PatchCoreCLI", "PatchCoreTrainer", "main"]
 
 log = logging.getLogger("patchcore_lightning")
 
@@ -84,6 +85,16 @@ class PatchCoreTrainer(L.Trainer):
     ) -> Any:
         """Score every image under data.predict_dir with one model folder: predictions.csv, heatmaps."""
         return super().predict(model, datamodule=datamodule, return_predictions=return_predictions)
+
+    def export_models(
+        self, model: PatchCoreModule, datamodule: AnomalyDataModule, export: ExportOptions = ExportOptions()  # noqa: B008
+    ) -> list[Path]:
+        """Export every folder of model.model_paths to ONNX (and OpenVINO IR) under <results_dir>/export/."""
+        return export_folders(model, datamodule, self.default_root_dir, export)
+
+    # The subcommand's name; the function keeps another so that its argument group is not named
+    # ``export`` as well (jsonargparse names a method's group after it, and ``--export.*`` is the options').
+    export = export_models
 
 
 class _OneLineErrorParser(LightningArgumentParser):
@@ -213,10 +224,10 @@ class PatchCoreCLI(LightningCLI):
 
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
-        """fit, test and predict (no validate: there is nothing to validate during a one-pass fit), and
-        the arguments of each that the CLI fills in itself."""
+        """fit, test, predict and export (no validate: there is nothing to validate during a one-pass
+        fit), and the arguments of each that the CLI fills in itself."""
         return {"fit": {"model", "datamodule"}, "test": {"model", "datamodule"},
-                "predict": {"model", "datamodule", "return_predictions"}}
+                "predict": {"model", "datamodule", "return_predictions"}, "export": {"model", "datamodule"}}
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         """Lightning's core arguments, without the Trainer options this tool does not use."""
@@ -371,6 +382,16 @@ class PatchCoreCLI(LightningCLI):
         _refuse_checkpoint(ckpt_path)
         _check_writable(self.results_dir)
         _run_loop(self.trainer, self.trainer.predict, model, datamodule=datamodule, return_predictions=False)
+
+    def export(
+        self, model: PatchCoreModule, datamodule: AnomalyDataModule, export: ExportOptions = ExportOptions()  # noqa: B008
+    ) -> list[Path]:
+        """Write every folder of model.model_paths as ONNX (and OpenVINO IR) under results_dir/export/."""
+        _check_writable(self.results_dir)
+        written = export_folders(model, datamodule, self.results_dir, export)
+        for path in written:
+            print(f"exported {path} and {path.with_name('metadata.json')}")
+        return written
 
     # ------------------------------------------------------------------ helpers
     @property
