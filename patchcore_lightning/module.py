@@ -30,7 +30,7 @@ from .model import Backbones, PatchCore
 from .model_io import PatchCoreParams
 from .reporting import read_thresholds
 
-__all__ = ["FrozenModelDDPStrategy", "PatchCoreModule", "frozen_model_strategy"]
+__all__ = ["FrozenModelDDPStrategy", "PatchCoreModule", "frozen_model_strategy", "leave_model_unwrapped"]
 
 log = logging.getLogger(__name__)
 
@@ -165,6 +165,9 @@ class PatchCoreModule(L.LightningModule):
         ]
 
     def setup(self, stage: str) -> None:
+        # whatever the Trainer resolved its strategy to (auto with devices > 1, num_nodes from a
+        # SLURM or torchrun launch, a DDPStrategy given as a class): the frozen model stays unwrapped
+        leave_model_unwrapped(self.trainer.strategy)
         # PyTorch lets cuDNN convolutions use TF32 by default; PatchCore's numbers are fp32 numbers.
         torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = self.hparams.allow_tf32
         # Lightning's loops against this torch's pytree module: nothing a user can act on
@@ -342,10 +345,29 @@ class FrozenModelDDPStrategy(DDPStrategy):
 
 def frozen_model_strategy(strategy: str | Strategy | None) -> FrozenModelDDPStrategy | None:
     """The ``FrozenModelDDPStrategy`` that stands in for a DDP strategy given by name (``ddp``,
-    ``ddp_spawn``, ...); None for anything else."""
+    ``ddp_spawn``, ...); None for anything else (``leave_model_unwrapped`` covers the strategies
+    the Trainer resolves itself)."""
     if not isinstance(strategy, str) or strategy not in StrategyRegistry:
         return None
     entry = StrategyRegistry[strategy]
     if entry["strategy"] is not DDPStrategy:
         return None
     return FrozenModelDDPStrategy(**entry["init_params"])
+
+
+def leave_model_unwrapped(strategy: Strategy) -> None:
+    """Make a Trainer's DDP strategy a ``FrozenModelDDPStrategy`` in place, however it was chosen:
+    ``auto`` with several devices or nodes, a DDP name, a ``DDPStrategy`` instance. Its processes,
+    devices, cluster environment and settings stay; only the ``DistributedDataParallel`` wrapping
+    (which torch refuses for a module with nothing to train) is left out. Other strategies are left
+    as they are; a subclass of ``DDPStrategy`` with its own behaviour is refused rather than changed.
+    """
+    if not isinstance(strategy, DDPStrategy) or isinstance(strategy, FrozenModelDDPStrategy):
+        return
+    if type(strategy) is not DDPStrategy:
+        raise ValueError(
+            f"trainer.strategy {type(strategy).__name__} wraps the model for training, and PatchCore trains "
+            f"nothing; use strategy auto or ddp (ddp_spawn, ddp_fork, ...) for several devices"
+        )
+    # the subclass only leaves out configure_ddp's wrapping: same state, so the instance can change class
+    strategy.__class__ = FrozenModelDDPStrategy

@@ -49,12 +49,17 @@ def fitted(tmp_path_factory, mvtec_root, resnet18_weights):
 
 
 def _cli(mvtec_root, folders, weights, results_dir, *extra) -> subprocess.CompletedProcess:
-    args = [
-        sys.executable, str(ROOT / "lightning_cli.py"), "test", *_data_args(mvtec_root),
+    return _run([
+        "test", *_data_args(mvtec_root),
         "--model.model_paths", "[" + ",".join(map(str, folders)) + "]",
         "--model.backbone_weights", f"{{resnet18: {weights}, resnet50: random}}",
         "--results_dir", str(results_dir), *extra,
-    ]
+    ])
+
+
+def _run(cli_args: list[str]) -> subprocess.CompletedProcess:
+    """``lightning_cli.py`` in a process of its own (DDP launches its other ranks from it)."""
+    args = [sys.executable, str(ROOT / "lightning_cli.py"), *cli_args]
     # One thread per process in both runs: Lightning gives each of W CPU processes cores / W threads,
     # and a CPU convolution may round differently with another thread count. The comparison is of
     # the sharding and the gathering, which must not change a bit.
@@ -109,3 +114,24 @@ def test_more_ranks_than_images(tmp_path, resnet18_weights, fitted):
         for name in RESULTS_COLUMNS:
             assert three[row][name] == pytest.approx(one[row][name], abs=1e-7, nan_ok=True), (row, name)
     assert (tmp_path / "three" / "results.csv").read_text() == (tmp_path / "one" / "results.csv").read_text()
+
+
+def test_devices_without_a_strategy_fit_then_test_equal_one_process(mvtec_root, resnet18_weights, tmp_path):
+    """``--trainer.devices 2`` and nothing else (Lightning resolves ``auto`` to DDP): ``test`` without
+    model paths fits first, then evaluates; the banks and results.csv are the single process's."""
+    args = [
+        "test", *_data_args(mvtec_root), "--data.categories", "[alpha]",
+        "--model.backbones", "[resnet18]", "--model.backbone_weights", str(resnet18_weights),
+        "--model.pretrain_embed_dimension", "96", "--model.target_embed_dimension", "64",
+        "--model.percentage", "0.5", "--trainer.logger", "false",
+    ]
+    _run([*args, "--results_dir", str(tmp_path / "one"), "--trainer.devices", "1"])
+    proc = _run([*args, "--results_dir", str(tmp_path / "two"), "--trainer.devices", "2"])
+    assert "Evaluating dataset [mvtec_alpha] (1/1)" in proc.stderr
+    # 3 training images in batches of 2: one batch per rank, gathered in image order before the coreset
+    one, two = (tmp_path / d / "models" / "mvtec_alpha" for d in ("one", "two"))
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in two.iterdir()) and "nnscorer_search_index.faiss" in names
+    for name in names:
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    assert (tmp_path / "two" / "results.csv").read_text() == (tmp_path / "one" / "results.csv").read_text()
