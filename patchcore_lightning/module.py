@@ -219,6 +219,24 @@ class PatchCoreModule(L.LightningModule):
             (log.warning if behind else log.info)("nearest-neighbour search: %s", bank.describe())
             self._said_where = True
 
+    # ------------------------------------------------------------------ batches
+    def _batch_indices(self, loader: str, batch_idx: int, indices: torch.Tensor) -> list[int]:
+        """The batch's dataset indices as the loader's batch sampler dealt them (``ShardBatches``), read
+        on the host, so that no step waits for the device to tell which items are placeholders;
+        ``indices`` itself outside Lightning's loops or with another sampler. ``loader``: the Trainer's
+        attribute holding the running DataLoader."""
+        dataloader = getattr(self._trainer, loader, None) if self._trainer is not None else None
+        batches = getattr(getattr(dataloader, "batch_sampler", None), "batches", None)
+        if batches is not None and batch_idx < len(batches) and len(batches[batch_idx]) == len(indices):
+            return batches[batch_idx]
+        return indices.tolist()
+
+    @staticmethod
+    def _real_rows(indices: list[int]) -> list[int] | None:
+        """The batch positions of real items (not ``PADDING_INDEX``); None when every item is real."""
+        real = [i for i, index in enumerate(indices) if index != PADDING_INDEX]
+        return None if len(real) == len(indices) else real
+
     # ------------------------------------------------------------------ fit
     def configure_optimizers(self) -> None:
         return None
@@ -230,12 +248,14 @@ class PatchCoreModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         """Every member's patch features of the batch's images, kept on the device until the epoch ends."""
         images, _, _, indices = batch
-        keep = indices != PADDING_INDEX  # a DDP rank's placeholders give no features (but the shapes)
+        # a DDP rank's placeholders give no features (but the shapes)
+        real = self._real_rows(self._batch_indices("train_dataloader", batch_idx, indices))
         with torch.no_grad():
             for m, features in enumerate(self._features):
                 feats, (h, w) = self.model.patch_features(images, m)  # (B*h*w, D)
-                features.append(feats.view(len(images), h * w, -1)[keep].flatten(0, 1))  # (b*h*w, D)
-        self._indices.append(indices[keep])
+                feats = feats.view(len(images), h * w, -1)  # (B, h*w, D)
+                features.append((feats if real is None else feats[real]).flatten(0, 1))  # (b*h*w, D)
+        self._indices.append(indices if real is None else indices[real])
 
     def on_train_epoch_end(self) -> None:
         """Each member's features of every training image (from every process), in image order,
@@ -269,9 +289,9 @@ class PatchCoreModule(L.LightningModule):
         """The batch's raw outputs into the metric; returns the raw scores (b, M), labels and indices."""
         images, masks, labels, indices = batch
         raw_scores, raw_maps = self.model(images)  # (B, M), (B, M, H, W)
-        keep = indices != PADDING_INDEX
-        if not bool(keep.all()):  # a DDP rank's placeholder: nothing to score, but the states keep their shapes
-            raw_scores, raw_maps, masks, labels, indices = (x[keep] for x in (raw_scores, raw_maps, masks, labels, indices))
+        real = self._real_rows(self._batch_indices("test_dataloaders", batch_idx, indices))
+        if real is not None:  # a DDP rank's placeholder: nothing to score, but the states keep their shapes
+            raw_scores, raw_maps, masks, labels, indices = (x[real] for x in (raw_scores, raw_maps, masks, labels, indices))
         self.evaluation.update(raw_scores, raw_maps, masks, labels, indices)
         return {"raw_scores": raw_scores, "labels": labels, "indices": indices}
 
@@ -288,12 +308,15 @@ class PatchCoreModule(L.LightningModule):
         self._say_where_once()
 
     def predict_step(self, batch: tuple, batch_idx: int) -> dict:
-        """The batch's readable images (``rows``, their positions in the batch): raw scores (b, M), their
-        mean ``score`` (b,), the mean raw segmentation (b, H, W) and, with a pixel threshold, the
-        number of pixels at or above it (b,)."""
+        """The batch's dataset ``indices`` (a list) and its readable images (``rows``, their positions in
+        the batch): raw scores (b, M), their mean ``score`` (b,), the mean raw segmentation (b, H, W)
+        and, with a pixel threshold, the number of pixels at or above it (b,), all on the device (the
+        prediction writer takes them to the host, once per batch)."""
         images, indices, errors = batch
-        rows = [i for i, (index, error) in enumerate(zip(indices.tolist(), errors)) if not error and index >= 0]
-        out = {"rows": rows, "raw_scores": None, "score": None, "raw_maps": None, "anomalous_pixels": None}
+        host = self._batch_indices("predict_dataloaders", batch_idx, indices)
+        rows = [i for i, (index, error) in enumerate(zip(host, errors)) if not error and index >= 0]
+        out = {"rows": rows, "indices": host, "raw_scores": None, "score": None, "raw_maps": None,
+               "anomalous_pixels": None}
         if not rows:
             return out
         raw_scores, raw_maps = self.model(images[rows])  # (b, M), (b, M, H, W)
