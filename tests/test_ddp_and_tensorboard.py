@@ -135,3 +135,27 @@ def test_devices_without_a_strategy_fit_then_test_equal_one_process(mvtec_root, 
     for name in names:
         assert (two / name).read_bytes() == (one / name).read_bytes(), name
     assert (tmp_path / "two" / "results.csv").read_text() == (tmp_path / "one" / "results.csv").read_text()
+
+
+def test_every_ddp_strategy_leaves_the_model_unwrapped():
+    """A DDPStrategy however made (by name, as an instance, as Lightning resolves auto) becomes the
+    frozen-model DDP with its settings; other strategies stay; a DDPStrategy subclass is refused."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, StrategyRegistry
+
+    from patchcore_lightning.module import FrozenModelDDPStrategy, leave_model_unwrapped
+
+    given = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=77), start_method="popen")
+    leave_model_unwrapped(given)
+    assert type(given) is FrozenModelDDPStrategy
+    assert given.process_group_backend == "gloo" and given._timeout == timedelta(seconds=77)
+    for name in ("ddp", "ddp_spawn", "ddp_fork"):
+        strategy = StrategyRegistry.get(name)
+        leave_model_unwrapped(strategy)
+        assert type(strategy) is FrozenModelDDPStrategy, name
+    single = SingleDeviceStrategy("cpu")
+    leave_model_unwrapped(single)
+    assert type(single) is SingleDeviceStrategy
+    with pytest.raises(ValueError, match="DeepSpeedStrategy wraps the model"):
+        leave_model_unwrapped(DeepSpeedStrategy.__new__(DeepSpeedStrategy))
