@@ -16,8 +16,8 @@
    end; summed over the categories), the whole process's wall time, the evaluation (first loader
    to the last category's outputs) and the peak GPU memory (``max_memory_allocated``).
 3. The floors, in this process, timed like the loop: per category pass from the request of the
-   loader (``ItemwiseLoader`` as the data module builds it: batch size, workers, pinned memory,
-   started anew each pass) to the last batch, summed over 5 passes:
+   loader (as the data module builds it: on a GPU ``ItemwiseLoader``, batch size, workers, pinned
+   memory; workers started anew each pass) to the last batch, summed over 5 passes:
    - decoding and transforms alone, each batch copied to the device;
    - the model alone (backbone, patch features, kNN, blur) on batches of the same sizes already on
      the device, the first pass's warm-up (cuDNN plans, search caches) included as in the loop.
@@ -177,10 +177,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _loader(dataset: MVTecDataset, device: torch.device) -> ItemwiseLoader:
+def _loader(dataset: MVTecDataset, device: torch.device) -> torch.utils.data.DataLoader:
     """The test loader as the data module builds it for ``device`` (one process)."""
     batch_size, workers = loader_settings(None, None, device.type)
-    return ItemwiseLoader(dataset, batch_sampler=ShardBatches(len(dataset), batch_size), num_workers=workers,
+    loader = torch.utils.data.DataLoader if device.type == "cpu" else ItemwiseLoader
+    return loader(dataset, batch_sampler=ShardBatches(len(dataset), batch_size), num_workers=workers,
                           pin_memory=device.type == "cuda")
 
 

@@ -258,7 +258,11 @@ class AnomalyDataModule(L.LightningDataModule):
             rank, world = trainer.global_rank, trainer.world_size
             device, local = trainer.strategy.root_device.type, trainer.num_devices
         batch_size, num_workers = loader_settings(self.hparams.batch_size, self.hparams.num_workers, device, local)
-        return ItemwiseLoader(
+        # on a GPU the workers' decoding is the floor of the loop, and 15 workers outnumber a category's
+        # batches: they decode items; on a CPU (batches of 2, workers busy with many batches, the cores
+        # shared with the backbone) the per-item hand-over measured slower (benchmarks/README.md)
+        loader = DataLoader if device == "cpu" else ItemwiseLoader
+        return loader(
             dataset,
             batch_sampler=ShardBatches(len(dataset), batch_size, rank, world),
             num_workers=num_workers,
