@@ -6,6 +6,8 @@ original's segmentor), computed in torch on the scores' device.
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 
@@ -20,6 +22,13 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0, dtype: torch.dtype = 
     return (kernel / kernel.sum()).to(dtype)
 
 
+@lru_cache(maxsize=64)
+def _device_kernel(sigma: float, truncate: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``gaussian_kernel1d`` on ``device`` as ``dtype``, built once per (sigma, truncate, device, dtype):
+    a forward then never waits for a host-to-device copy. Shared: read it, never write it. (1, 1, 2r+1)"""
+    return gaussian_kernel1d(sigma, truncate).to(device, dtype).view(1, 1, -1)
+
+
 def _reflect_index(n: int, radius: int, device: torch.device) -> torch.Tensor:
     """Indices of a length-n axis padded by ``radius`` with scipy's 'reflect' (d c b a | a b c d | d c b a)."""
     idx = torch.arange(-radius, n + radius, device=device) % (2 * n)
@@ -29,7 +38,7 @@ def _reflect_index(n: int, radius: int, device: torch.device) -> torch.Tensor:
 def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0) -> torch.Tensor:
     """Separable Gaussian blur of (B, H, W) maps, scipy 'reflect' borders, any map size. → (B, H, W)"""
     B, H, W = maps.shape
-    kernel = gaussian_kernel1d(sigma, truncate).to(maps.device, maps.dtype).view(1, 1, -1)  # (1, 1, 2r+1)
+    kernel = _device_kernel(float(sigma), float(truncate), maps.device, maps.dtype)  # (1, 1, 2r+1)
     r = (kernel.shape[-1] - 1) // 2
     x = maps.index_select(2, _reflect_index(W, r, maps.device))  # (B, H, W + 2r)
     x = F.conv1d(x.reshape(B * H, 1, -1), kernel).view(B, H, W)

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import logging
 import math
-from pathlib import Path
+from collections import Counter, deque
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import lightning as L
@@ -33,6 +36,7 @@ __all__ = [
     "SegmentationImages",
     "TensorBoardReport",
     "hardest_candidates",
+    "heatmap_names",
 ]
 
 log = logging.getLogger("patchcore_lightning")
@@ -44,11 +48,13 @@ def _category(trainer: L.Trainer) -> tuple[str, int, int]:
     return dm.dataset_name, dm.categories.index(dm.category), len(dm.categories)
 
 
-def _valid(batch_images: torch.Tensor, indices: torch.Tensor) -> dict[int, np.ndarray]:
-    """{dataset index: the image as the backbone saw it (S, S, 3) uint8} of a batch's real items."""
-    keep = indices != PADDING_INDEX
-    pixels = to_display(batch_images[keep].cpu()).numpy()  # (b, S, S, 3)
-    return dict(zip(indices[keep].tolist(), pixels))
+def _scored_images(batch: tuple[torch.Tensor, ...], outputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The images (b, 3, S, S) of the items ``test_step`` scored (``outputs["indices"]``, placeholders
+    left out): the whole batch but for a DDP rank's placeholder batch, told apart without a sync."""
+    images, indices = batch[0], batch[3]
+    if len(outputs["indices"]) == len(indices):
+        return images
+    return images[indices != PADDING_INDEX]
 
 
 def _gather_objects(obj: Any) -> list[Any]:
@@ -83,24 +89,25 @@ class SegmentationImages(EvaluationReceiver):
     model's ``save_segmentation_images`` is set: the image | its ground truth | the heatmap (the
     normalised ensemble segmentation) over the image, captioned with the normalised image score.
 
-    The maps are normalised over the whole category, so the images of a category are kept (uint8,
-    3 bytes a pixel) until it ends; under DDP every process writes the images it scored.
+    The maps are normalised over the whole category, so the images of a category are kept until it
+    ends: converted to uint8 on the device (3 bytes a pixel) as batches come, taken to the host once
+    at the end, with the PNGs; under DDP every process writes the images it scored.
     """
 
     def __init__(self, results_dir: str | Path) -> None:
         self.results_dir = Path(results_dir)
-        self._images: dict[int, np.ndarray] = {}
+        self._images: list[tuple[torch.Tensor, torch.Tensor]] = []  # (indices (b,), images (b, S, S, 3) uint8), on the device
 
     @staticmethod
     def _enabled(pl_module: L.LightningModule) -> bool:
         return bool(pl_module.hparams.get("save_segmentation_images"))
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self._images = {}
+        self._images = []
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self._enabled(pl_module):
-            self._images.update(_valid(batch[0], batch[3]))
+        if self._enabled(pl_module) and len(outputs["indices"]):
+            self._images.append((outputs["indices"], to_display(_scored_images(batch, outputs))))
 
     def on_evaluation(self, trainer, pl_module, result: Evaluation) -> None:
         if not self._enabled(pl_module):
@@ -108,15 +115,18 @@ class SegmentationImages(EvaluationReceiver):
         samples = trainer.datamodule.test_dataset.samples
         folder = self.results_dir / "segmentation_images" / trainer.datamodule.dataset_name
         folder.mkdir(parents=True, exist_ok=True)
-        rows = torch.searchsorted(result.indices.cpu(), torch.tensor(sorted(self._images))).tolist()
-        for index, row in zip(sorted(self._images), rows):
+        images = {}
+        for indices, pixels in self._images:
+            images.update(zip(indices.tolist(), pixels.cpu().numpy()))
+        self._images = []
+        rows = torch.searchsorted(result.indices.cpu(), torch.tensor(sorted(images))).tolist()
+        for index, row in zip(sorted(images), rows):
             sample, score = samples[index], float(result.scores[row])
             caption = f"{sample.anomaly}/{sample.image.name}" + ("" if math.isnan(score) else f"  score {score:.4f}")
-            strip = overlay_strip(self._images[index], result.masks[row].cpu().numpy(), result.maps[row], caption)
+            strip = overlay_strip(images[index], result.masks[row].cpu().numpy(), result.maps[row], caption)
             strip.save(folder / f"{sample.name}.png")
         if trainer.is_global_zero:
             log.info("segmentation images written to %s", folder)
-        self._images = {}
 
 
 def hardest_candidates(scores: torch.Tensor, k: int, lowest: bool = False) -> torch.Tensor:
@@ -133,6 +143,16 @@ def hardest_candidates(scores: torch.Tensor, k: int, lowest: bool = False) -> to
     return (at_least & beats).sum(dim=1) < k
 
 
+def _candidates_by_label(scores: torch.Tensor, labels: torch.Tensor, k: int) -> torch.Tensor:
+    """``hardest_candidates`` of the normal (highest) and the anomalous (lowest) images at once,
+    without leaving the device: raw scores (N, M), labels (N,) → (N,) bool."""
+    s = torch.where(labels[:, None] == 1, -scores, scores)  # (N, M): higher is harder, for either kind
+    same = labels[None, :] == labels[:, None]  # (N, N)
+    at_least = (s[None, :, :] >= s[:, None, :]).all(dim=2)  # (N, N): [i, j] = j matches or beats i everywhere
+    beats = (s[None, :, :] > s[:, None, :]).any(dim=2)  # (N, N): [i, j] = j beats i somewhere
+    return (same & at_least & beats).sum(dim=1) < k
+
+
 class TensorBoardReport(EvaluationReceiver):
     """Per category, in the run's TensorBoard (rank 0): images ``<dataset>/hardest_cases`` (the
     ``per_kind`` highest-scored normal and lowest-scored anomalous images: image | ground truth |
@@ -140,14 +160,17 @@ class TensorBoardReport(EvaluationReceiver):
     pixel-level PR curve ``<dataset>/pixel_pr``. The metrics themselves are logged by the module.
 
     Only the images that can still be among the hardest are kept while the category runs (a
-    few, whatever the size of the test set); the curves are drawn from counts at 1001 score
+    few, whatever the size of the test set): picked on the device from the raw scores, converted
+    to uint8 there, and taken to the host when the category ends; nothing else leaves the device
+    per batch (one wait for the candidates' count). The curves are drawn from counts at 1001 score
     thresholds, in constant memory.
     """
 
     def __init__(self, per_kind: int = 4) -> None:
         self.per_kind = per_kind
-        self._images: dict[int, np.ndarray] = {}
-        self._scores: dict[int, tuple[torch.Tensor, int]] = {}  # index → (raw scores (M,), label)
+        # the candidates so far, on the scores' device: raw scores (K, M), labels (K,), dataset
+        # indices (K,) and the images as the backbone saw them (K, S, S, 3) uint8
+        self._held: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @staticmethod
     def _writer(trainer: L.Trainer):
@@ -157,22 +180,22 @@ class TensorBoardReport(EvaluationReceiver):
         return None
 
     def on_test_epoch_start(self, trainer, pl_module) -> None:
-        self._images, self._scores = {}, {}
+        self._held = None
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if self._writer(trainer) is None:
+        """The candidates among the held images and the batch's, picked on the device from the raw
+        scores; only the batch's images that are candidates are converted (uint8, on the device)."""
+        if self._writer(trainer) is None or not len(outputs["indices"]):
             return
-        self._images.update(_valid(batch[0], batch[3]))
-        raw = outputs["raw_scores"].detach().cpu()  # (b, M): test_step's, without placeholders
-        for index, label, row in zip(outputs["indices"].tolist(), outputs["labels"].tolist(), raw):
-            self._scores[index] = (row, label)
-        for label in (0, 1):  # drop the images that can no longer be among the hardest of their kind
-            kind = [i for i, (_, lab) in self._scores.items() if lab == label]
-            if len(kind) > self.per_kind:
-                keep = hardest_candidates(torch.stack([self._scores[i][0] for i in kind]), self.per_kind, label == 1)
-                for i, kept in zip(kind, keep.tolist()):
-                    if not kept:
-                        del self._scores[i], self._images[i]
+        raw, labels, indices = outputs["raw_scores"].detach(), outputs["labels"], outputs["indices"]  # (b, M), (b,), (b,)
+        images = _scored_images(batch, outputs)  # (b, 3, S, S)
+        if self._held is not None:
+            raw, labels, indices = (torch.cat([old, new]) for old, new in zip(self._held[:3], (raw, labels, indices)))
+        keep = _candidates_by_label(raw, labels, self.per_kind)  # (K + b,) bool
+        held = 0 if self._held is None else len(self._held[0])
+        new_images = to_display(images[keep[held:]])  # (b', S, S, 3): the batch's candidates only
+        kept = new_images if self._held is None else torch.cat([self._held[3][keep[:held]], new_images])
+        self._held = (raw[keep], labels[keep], indices[keep], kept)
 
     def on_evaluation(self, trainer, pl_module, result: Evaluation) -> None:
         logger = self._writer(trainer)
@@ -186,10 +209,11 @@ class TensorBoardReport(EvaluationReceiver):
             *anomalous[scores[anomalous].argsort()[: self.per_kind]].tolist(),
         ]
         wanted = [int(indices[r]) for r in rows]
+        mine = {} if self._held is None else dict(zip(self._held[2].tolist(), self._held[3].cpu().numpy()))
+        self._held = None
         held = {}
-        for part in _gather_objects({i: self._images[i] for i in wanted if i in self._images}):
+        for part in _gather_objects({i: mine[i] for i in wanted if i in mine}):
             held.update(part)
-        self._images, self._scores = {}, {}
         if not trainer.is_global_zero:
             return
         writer = logger.experiment
@@ -217,50 +241,108 @@ class TensorBoardReport(EvaluationReceiver):
                              step, dataformats="CHW")
 
 
-class PredictionWriter(BasePredictionWriter):
-    """``predict``'s outputs under ``results_dir``: ``heatmaps/<path>.png`` (and ``.npy`` with the model's
-    ``save_raw_maps``) as batches come, ``predictions.csv`` and ``skipped.csv`` at the end (rank 0,
-    every process's rows)."""
+def heatmap_names(paths: Sequence[str], masks: bool = False, raw_maps: bool = False) -> list[str]:
+    """Where ``predict`` draws each input (relative paths, ``/``-separated): its path under
+    ``heatmaps/`` without ``.png``. That is the input's path without its extension (``day1/000.png`` →
+    ``day1/000``), or with it where inputs of one folder differ only in their extension (``a.png`` and
+    ``a.jpg`` → ``a.png`` and ``a.jpg``). Names are compared ignoring case, as a case-insensitive file
+    system would. Raises ValueError, naming both inputs, when two would still write one file: their
+    heatmap ``<name>.png``, binary mask ``<name>_mask.png`` (``masks``) or raw map ``<name>.npy`` (``raw_maps``).
+    """
+    stems = [str(PurePosixPath(p).with_suffix("")) for p in paths]
+    shared = Counter(stem.casefold() for stem in stems)
+    names = [path if shared[stem.casefold()] > 1 else stem for path, stem in zip(paths, stems)]
+    suffixes = [".png", *(["_mask.png"] if masks else []), *([".npy"] if raw_maps else [])]
+    owners: dict[str, str] = {}
+    for path, name in zip(paths, names):
+        for suffix in suffixes:
+            other = owners.setdefault((name + suffix).casefold(), path)
+            if other != path:
+                raise ValueError(
+                    f"predict would write heatmaps/{name}{suffix} for both {other} and {path} under data.predict_dir; "
+                    f"rename one of them"
+                )
+    return names
 
-    def __init__(self, results_dir: str | Path) -> None:
+
+class PredictionWriter(BasePredictionWriter):
+    """``predict``'s outputs under ``results_dir``: ``heatmaps/<name>.png`` per image (``heatmap_names``;
+    with the model's ``pixel_threshold`` also ``<name>_mask.png``, with ``save_raw_maps`` ``<name>.npy``)
+    as batches come, ``predictions.csv`` and ``skipped.csv`` at the end (rank 0, every process's rows).
+
+    A batch's outputs leave the device once (the images as uint8, converted there); the heatmaps are
+    drawn and encoded by ``encode_threads`` threads (0: in the loop's thread) while the device scores
+    the next batches. Every file is the same whatever the number of threads.
+    """
+
+    def __init__(self, results_dir: str | Path, encode_threads: int = 4) -> None:
         super().__init__(write_interval="batch")
+        if encode_threads < 0:
+            raise ValueError(f"encode_threads must be >= 0, got {encode_threads}")
         self.results_dir = Path(results_dir)
+        self.encode_threads = encode_threads
         self.rows: list[dict] = []
+        self._names: list[str] = []
+        self._pool: ThreadPoolExecutor | None = None
+        self._pending: deque[Future] = deque()
 
     def on_predict_epoch_start(self, trainer, pl_module) -> None:
         self.rows = []
+        dataset = trainer.datamodule.predict_dataset
+        paths = [dataset.relative(i) for i in range(len(dataset))]
+        self._names = heatmap_names(paths, pl_module.pixel_threshold is not None, pl_module.hparams.save_raw_maps)
+        if self.encode_threads:
+            self._pool = ThreadPoolExecutor(self.encode_threads, thread_name_prefix="patchcore-heatmaps")
 
     def write_on_batch_end(self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx=0):
-        images, indices, errors = batch
+        images, _, errors = batch
+        indices, rows = prediction["indices"], prediction["rows"]
         dataset = trainer.datamodule.predict_dataset
-        for index, error in zip(indices.tolist(), errors):
+        for index, error in zip(indices, errors):
             if error:
                 self.rows.append({"path": dataset.relative(index), "error": error})
-        shown = to_display(images[prediction["rows"]].cpu()).numpy() if prediction["rows"] else []
-        for k, i in enumerate(prediction["rows"]):
-            path = dataset.relative(int(indices[i]))
-            raw_map = prediction["raw_maps"][k]  # (H, W)
-            row = {"path": path, "score": float(prediction["score"][k]), "scores": prediction["raw_scores"][k].tolist()}
-            if prediction["anomalous_pixels"] is not None:
-                row["anomalous_pixels"] = int(prediction["anomalous_pixels"][k])
-            self.rows.append(row)
-            self._heatmap(pl_module, path, shown[k], raw_map)
-
-    def _heatmap(self, pl_module, path: str, image: np.ndarray, raw_map: torch.Tensor) -> None:
-        """``heatmaps/<path>.png``: the image | the raw map over it, on the fixed scale [0, heatmap_max]."""
+        if not rows:
+            return
+        # one transfer per output and batch; uint8 images converted on the device (a quarter of the bytes)
+        shown = to_display(images[rows]).cpu().numpy()  # (b, S, S, 3)
+        raw_maps, score, raw_scores = (prediction[k].cpu() for k in ("raw_maps", "score", "raw_scores"))  # (b, H, W), (b,), (b, M)
+        pixels = None if prediction["anomalous_pixels"] is None else prediction["anomalous_pixels"].cpu()  # (b,)
         h = pl_module.hparams
-        top = h.heatmap_max or pl_module.image_threshold or float(raw_map.max()) or 1.0
-        target = self.results_dir / "heatmaps" / f"{path}.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        caption = f"{path}  max {float(raw_map.max()):.4g}  scale 0..{top:.4g}"
-        compose([image, blend(image, (raw_map / top).clamp(0, 1))], caption).save(target)
-        if h.save_raw_maps:
-            np.save(target.with_suffix(".npy"), raw_map.cpu().numpy())
-        if pl_module.pixel_threshold is not None:  # the binary mask: 255 where the raw map is at or above it
-            mask = ((raw_map >= pl_module.pixel_threshold).to(torch.uint8) * 255).cpu().numpy()
-            Image.fromarray(mask).save(target.with_name(f"{Path(path).name}_mask.png"))
+        settings = (h.heatmap_max, pl_module.image_threshold, pl_module.pixel_threshold, h.save_raw_maps)
+        for k, i in enumerate(rows):
+            path = dataset.relative(indices[i])
+            row = {"path": path, "score": float(score[k]), "scores": raw_scores[k].tolist()}
+            if pixels is not None:
+                row["anomalous_pixels"] = int(pixels[k])
+            self.rows.append(row)
+            self._submit(self.results_dir / "heatmaps" / self._names[indices[i]], path, row["score"], shown[k],
+                         raw_maps[k], *settings)
+
+    def _submit(self, *args) -> None:
+        """Draws a heatmap in the pool (at most 16 per thread waiting: bounded memory), or right here."""
+        if self._pool is None:
+            _draw_heatmap(*args)
+            return
+        self._pending.append(self._pool.submit(_draw_heatmap, *args))
+        while len(self._pending) > 16 * self.encode_threads or (self._pending and self._pending[0].done()):
+            self._pending.popleft().result()  # a failed heatmap fails the run
+
+    def _close(self, wait: bool = True) -> None:
+        """Waits for the heatmaps under way (raising the first error), then stops the threads."""
+        try:
+            while wait and self._pending:
+                self._pending.popleft().result()
+        finally:
+            self._pending.clear()
+            if self._pool is not None:
+                self._pool.shutdown(wait=True, cancel_futures=True)
+                self._pool = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self._close(wait=False)
 
     def on_predict_epoch_end(self, trainer, pl_module) -> None:
+        self._close()
         rows = sorted((row for part in _gather_objects(self.rows) for row in part), key=lambda r: r["path"])
         self.rows = []
         if not trainer.is_global_zero:
@@ -272,6 +354,31 @@ class PredictionWriter(BasePredictionWriter):
                  self.results_dir / "heatmaps")
         if len(rows) > scored:
             log.info("skipped %d unreadable files -> %s", len(rows) - scored, self.results_dir / "skipped.csv")
+
+
+def _draw_heatmap(
+    target: Path,
+    path: str,
+    score: float,
+    image: np.ndarray,
+    raw_map: torch.Tensor,
+    heatmap_max: float | None,
+    image_threshold: float | None,
+    pixel_threshold: float | None,
+    save_raw_map: bool,
+) -> None:
+    """``<target>.png``: the image (S, S, 3) | the raw map (H, W) over it on the fixed scale [0, top],
+    captioned with the input's path and ``score``; ``<target>_mask.png`` (255 where the raw map is
+    at or above ``pixel_threshold``) and ``<target>.npy`` (the raw map) when asked for."""
+    top = heatmap_max or image_threshold or float(raw_map.max()) or 1.0
+    target.parent.mkdir(parents=True, exist_ok=True)
+    caption = f"{path}  score {score:.6g}  scale 0..{top:.4g}"  # the score of predictions.csv
+    compose([image, blend(image, (raw_map / top).clamp(0, 1))], caption).save(target.with_name(target.name + ".png"))
+    if save_raw_map:
+        np.save(target.with_name(target.name + ".npy"), raw_map.numpy())
+    if pixel_threshold is not None:
+        mask = ((raw_map >= pixel_threshold).to(torch.uint8) * 255).numpy()
+        Image.fromarray(mask).save(target.with_name(target.name + "_mask.png"))
 
 
 class ModelFolderWriter(Callback):

@@ -33,7 +33,7 @@ from .model import Backbones, PatchCore, build_bank, concat_freeing, member_para
 from .model_io import PatchCoreParams
 from .reporting import read_thresholds
 
-__all__ = ["EvaluationReceiver", "FrozenModelDDPStrategy", "PatchCoreModule", "frozen_model_strategy"]
+__all__ = ["EvaluationReceiver", "FrozenModelDDPStrategy", "PatchCoreModule", "frozen_model_strategy", "leave_model_unwrapped"]
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +158,9 @@ class PatchCoreModule(L.LightningModule):
                              h.patchsize, h.anomaly_scorer_num_nn)
 
     def setup(self, stage: str) -> None:
+        # whatever the Trainer resolved its strategy to (auto with devices > 1, num_nodes from a
+        # SLURM or torchrun launch, a DDPStrategy given as a class): the frozen model stays unwrapped
+        leave_model_unwrapped(self.trainer.strategy)
         imagesize = self.trainer.datamodule.imagesize
         resize = getattr(self.trainer.datamodule.hparams, "resize", None)  # the data's, recorded by save
         if stage == "fit":
@@ -203,6 +206,24 @@ class PatchCoreModule(L.LightningModule):
             (log.warning if behind else log.info)("nearest-neighbour search: %s", bank.describe())
             self._said_where = True
 
+    # ------------------------------------------------------------------ batches
+    def _batch_indices(self, loader: str, batch_idx: int, indices: torch.Tensor) -> list[int]:
+        """The batch's dataset indices as the loader's batch sampler dealt them (``ShardBatches``), read
+        on the host, so that no step waits for the device to tell which items are placeholders;
+        ``indices`` itself outside Lightning's loops or with another sampler. ``loader``: the Trainer's
+        attribute holding the running DataLoader."""
+        dataloader = getattr(self._trainer, loader, None) if self._trainer is not None else None
+        batches = getattr(getattr(dataloader, "batch_sampler", None), "batches", None)
+        if batches is not None and batch_idx < len(batches) and len(batches[batch_idx]) == len(indices):
+            return batches[batch_idx]
+        return indices.tolist()
+
+    @staticmethod
+    def _real_rows(indices: list[int]) -> list[int] | None:
+        """The batch positions of real items (not ``PADDING_INDEX``); None when every item is real."""
+        real = [i for i, index in enumerate(indices) if index != PADDING_INDEX]
+        return None if len(real) == len(indices) else real
+
     # ------------------------------------------------------------------ fit
     def configure_optimizers(self) -> None:
         return None
@@ -214,12 +235,14 @@ class PatchCoreModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         """Every member's patch features of the batch's images, kept on the device until the epoch ends."""
         images, _, _, indices = batch
-        keep = indices != PADDING_INDEX  # a DDP rank's placeholders give no features (but the shapes)
+        # a DDP rank's placeholders give no features (but the shapes)
+        real = self._real_rows(self._batch_indices("train_dataloader", batch_idx, indices))
         with torch.no_grad():
             for m, features in enumerate(self._features):
                 feats, (h, w) = self.model.patch_features(images, m)  # (B*h*w, D)
-                features.append(feats.view(len(images), h * w, -1)[keep].flatten(0, 1))  # (b*h*w, D)
-        self._indices.append(indices[keep])
+                feats = feats.view(len(images), h * w, -1)  # (B, h*w, D)
+                features.append((feats if real is None else feats[real]).flatten(0, 1))  # (b*h*w, D)
+        self._indices.append(indices if real is None else indices[real])
 
     def on_train_epoch_end(self) -> None:
         """Each member's features of every training image (from every process), in image order,
@@ -247,9 +270,9 @@ class PatchCoreModule(L.LightningModule):
         """The batch's raw outputs into the metric; returns the raw scores (b, M), labels and indices."""
         images, masks, labels, indices = batch
         raw_scores, raw_maps = self.model(images)  # (B, M), (B, M, H, W)
-        keep = indices != PADDING_INDEX
-        if not bool(keep.all()):  # a DDP rank's placeholder: nothing to score, but the states keep their shapes
-            raw_scores, raw_maps, masks, labels, indices = (x[keep] for x in (raw_scores, raw_maps, masks, labels, indices))
+        real = self._real_rows(self._batch_indices("test_dataloaders", batch_idx, indices))
+        if real is not None:  # a DDP rank's placeholder: nothing to score, but the states keep their shapes
+            raw_scores, raw_maps, masks, labels, indices = (x[real] for x in (raw_scores, raw_maps, masks, labels, indices))
         self.evaluation.update(raw_scores, raw_maps, masks, labels, indices)
         return {"raw_scores": raw_scores, "labels": labels, "indices": indices}
 
@@ -270,12 +293,15 @@ class PatchCoreModule(L.LightningModule):
         self._say_where_once()
 
     def predict_step(self, batch: tuple, batch_idx: int) -> dict:
-        """The batch's readable images (``rows``, their positions in the batch): raw scores (b, M), their
-        mean ``score`` (b,), the mean raw segmentation (b, H, W) and, with a pixel threshold, the
-        number of pixels at or above it (b,)."""
+        """The batch's dataset ``indices`` (a list) and its readable images (``rows``, their positions in
+        the batch): raw scores (b, M), their mean ``score`` (b,), the mean raw segmentation (b, H, W)
+        and, with a pixel threshold, the number of pixels at or above it (b,), all on the device (the
+        prediction writer takes them to the host, once per batch)."""
         images, indices, errors = batch
-        rows = [i for i, (index, error) in enumerate(zip(indices.tolist(), errors)) if not error and index >= 0]
-        out = {"rows": rows, "raw_scores": None, "score": None, "raw_maps": None, "anomalous_pixels": None}
+        host = self._batch_indices("predict_dataloaders", batch_idx, indices)
+        rows = [i for i, (index, error) in enumerate(zip(host, errors)) if not error and index >= 0]
+        out = {"rows": rows, "indices": host, "raw_scores": None, "score": None, "raw_maps": None,
+               "anomalous_pixels": None}
         if not rows:
             return out
         raw_scores, raw_maps = self.model(images[rows])  # (b, M), (b, M, H, W)
@@ -324,10 +350,29 @@ class FrozenModelDDPStrategy(DDPStrategy):
 
 def frozen_model_strategy(strategy: str | Strategy | None) -> FrozenModelDDPStrategy | None:
     """The ``FrozenModelDDPStrategy`` that stands in for a DDP strategy given by name (``ddp``,
-    ``ddp_spawn``, ...); None for anything else."""
+    ``ddp_spawn``, ...); None for anything else (``leave_model_unwrapped`` covers the strategies
+    the Trainer resolves itself)."""
     if not isinstance(strategy, str) or strategy not in StrategyRegistry:
         return None
     entry = StrategyRegistry[strategy]
     if entry["strategy"] is not DDPStrategy:
         return None
     return FrozenModelDDPStrategy(**entry["init_params"])
+
+
+def leave_model_unwrapped(strategy: Strategy) -> None:
+    """Make a Trainer's DDP strategy a ``FrozenModelDDPStrategy`` in place, however it was chosen:
+    ``auto`` with several devices or nodes, a DDP name, a ``DDPStrategy`` instance. Its processes,
+    devices, cluster environment and settings stay; only the ``DistributedDataParallel`` wrapping
+    (which torch refuses for a module with nothing to train) is left out. Other strategies are left
+    as they are; a subclass of ``DDPStrategy`` with its own behaviour is refused rather than changed.
+    """
+    if not isinstance(strategy, DDPStrategy) or isinstance(strategy, FrozenModelDDPStrategy):
+        return
+    if type(strategy) is not DDPStrategy:
+        raise ValueError(
+            f"trainer.strategy {type(strategy).__name__} wraps the model for training, and PatchCore trains "
+            f"nothing; use strategy auto or ddp (ddp_spawn, ddp_fork, ...) for several devices"
+        )
+    # the subclass only leaves out configure_ddp's wrapping: same state, so the instance can change class
+    strategy.__class__ = FrozenModelDDPStrategy

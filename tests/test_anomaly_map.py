@@ -54,3 +54,21 @@ def test_minmax_normalise_per_member_and_constant_member():
     for m in range(2):
         expected = (maps[m] - maps[m].min()) / (maps[m].max() - maps[m].min())
         assert torch.equal(norm[m], expected)  # the same correctly rounded (x - lo) / span
+
+
+def test_blur_builds_its_kernel_once_per_sigma_device_and_dtype(monkeypatch):
+    """The kernel is built (and copied to the maps' device) once, not in every forward."""
+    from patchcore_lightning import anomaly_map
+
+    built = []
+    kernel1d = anomaly_map.gaussian_kernel1d
+    monkeypatch.setattr(anomaly_map, "gaussian_kernel1d", lambda *a, **k: built.append(a) or kernel1d(*a, **k))
+    anomaly_map._device_kernel.cache_clear()
+    maps = torch.rand(2, 40, 30, generator=torch.Generator().manual_seed(0))
+    first = gaussian_blur(maps, 3.25)
+    for _ in range(3):
+        assert torch.equal(gaussian_blur(maps, 3.25), first)  # the same kernel: the same bits
+    gaussian_blur(maps.double(), 3.25)
+    gaussian_blur(maps, 2.0)
+    assert built == [(3.25, 4.0), (3.25, 4.0), (2.0, 4.0)]  # float32 and float64 at 3.25, float32 at 2.0
+    anomaly_map._device_kernel.cache_clear()  # the monkeypatched builder's kernels leave with it

@@ -80,3 +80,44 @@ def test_tensorboard_holds_the_runs_summary_and_curves(run):
     assert fp[0] == 8 * 224 * 224 - tp[0] and (np.diff(tp) <= 0).all() and (np.diff(fp) <= 0).all()
     hardest = events.Images("mvtec_weave/hardest_cases")[0]
     assert hardest.height == 8 * (224 + 18)  # 4 normal and 4 anomalous images
+
+
+def test_tensorboard_converts_only_the_candidates(tmp_path, monkeypatch):
+    """Per batch the callback converts (``to_display``) exactly the batch's images that are still
+    candidates afterwards (the oracle: ``hardest_candidates`` of each kind over every score seen so
+    far), never a whole batch; at the end it holds the candidates' pixels."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from patchcore_lightning import callbacks
+    from patchcore_lightning.data.images import to_display
+
+    converted = []
+    monkeypatch.setattr(callbacks, "to_display", lambda x: converted.append(len(x)) or to_display(x))
+    trainer = SimpleNamespace(loggers=[TensorBoardLogger(tmp_path)])
+    report = callbacks.TensorBoardReport(per_kind=4)
+    report.on_test_epoch_start(trainer, None)
+    g = torch.Generator().manual_seed(0)
+    N, B, M = 96, 16, 2
+    images = torch.randn(N, 3, 8, 8, generator=g)  # (N, 3, S, S), normalised-like
+    scores = (torch.rand(N, M, generator=g) * 20).round()  # ties included
+    labels = (torch.rand(N, generator=g) < 0.4).long()
+    for start in range(0, N, B):
+        rows = slice(start, start + B)
+        indices = torch.arange(start, start + B)
+        outputs = {"raw_scores": scores[rows], "labels": labels[rows], "indices": indices}
+        report.on_test_batch_end(trainer, None, outputs, (images[rows], None, labels[rows], indices), start // B)
+        seen = torch.arange(start + B)
+        candidates = set()
+        for label in (0, 1):
+            kind = seen[labels[: start + B] == label]
+            keep = hardest_candidates(scores[kind], 4, lowest=label == 1)
+            candidates |= set(kind[keep].tolist())
+        assert converted.pop() == len(candidates & set(indices.tolist())) < B
+    assert not converted  # one conversion per batch
+    held_scores, held_labels, held_indices, held_images = report._held
+    assert set(held_indices.tolist()) == candidates and len(candidates) < N // 2
+    torch.testing.assert_close(held_images, to_display(images[held_indices]), rtol=0, atol=0)
+    torch.testing.assert_close(held_scores, scores[held_indices], rtol=0, atol=0)
+    assert torch.equal(held_labels, labels[held_indices])

@@ -102,3 +102,55 @@ def test_a_rank_without_images_gets_a_placeholder_batch(mvtec_root):
     dataset = MVTecDataset(list_samples(mvtec_root, "alpha"), 72, 64)
     image, mask, label, index = dataset[PADDING_INDEX]  # not the last sample, as a plain negative index would be
     assert index == PADDING_INDEX and not image.any() and not mask.any() and image.shape == (3, 64, 64)
+
+
+class _WhoRead(torch.utils.data.Dataset):
+    """Items of 0..n-1 that say which DataLoader worker read them."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        info = torch.utils.data.get_worker_info()
+        return torch.full((2,), float(index)), index, "main" if info is None else f"worker{info.id}"
+
+
+def test_every_worker_reads_items_of_one_batch():
+    from patchcore_lightning.data.datamodule import ItemwiseLoader, ShardBatches
+
+    # one batch of 8 items and 2 workers: a DataLoader gives it to one worker, here both read
+    (images, indices, readers), = list(ItemwiseLoader(_WhoRead(8), ShardBatches(8, 8), num_workers=2))
+    assert indices.tolist() == list(range(8)) and torch.equal(images[:, 0], torch.arange(8.0))
+    assert set(readers) == {"worker0", "worker1"}
+
+
+@pytest.mark.parametrize("workers", [0, 2, 3])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_itemwise_batches_equal_the_plain_dataloaders(tmp_path, mvtec_root, workers, rank):
+    """The same batches as a DataLoader with the same batch sampler: items, order, pixels, types,
+    for the test data (a DDP rank's shard, placeholders included) and a predict folder (an unreadable file)."""
+    from patchcore_lightning.data.datamodule import ItemwiseLoader, ShardBatches
+    from patchcore_lightning.data.folder import ImageFolderDataset
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    for i, path in enumerate(sorted((mvtec_root / "beta" / "test").rglob("*.png"))):
+        shutil.copy(path, folder / f"{i:02d}.png")
+    (folder / "99.png").write_bytes(b"not a png")
+    datasets = [MVTecDataset(list_samples(mvtec_root, "beta"), 72, 64), ImageFolderDataset(folder, 72, 64)]
+    for dataset in datasets:
+        sampler = ShardBatches(len(dataset), 3, rank, 2)
+        plain = list(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=workers))
+        ours = list(ItemwiseLoader(dataset, batch_sampler=sampler, num_workers=workers))
+        assert len(ours) == len(plain) == len(sampler)
+        for a, b in zip(plain, ours):
+            assert type(a) is type(b) and len(a) == len(b)
+            for x, y in zip(a, b):
+                assert type(x) is type(y)
+                if isinstance(x, torch.Tensor):
+                    assert x.dtype == y.dtype and torch.equal(x, y)
+                else:
+                    assert x == y

@@ -50,12 +50,17 @@ def fitted(tmp_path_factory, mvtec_root, resnet18_weights):
 
 
 def _cli(mvtec_root, folders, weights, results_dir, *extra) -> subprocess.CompletedProcess:
-    args = [
-        sys.executable, str(ROOT / "lightning_cli.py"), "test", *_data_args(mvtec_root),
+    return _run([
+        "test", *_data_args(mvtec_root),
         "--model.model_paths", "[" + ",".join(map(str, folders)) + "]",
         "--model.backbone_weights", f"{{resnet18: {weights}, resnet50: random}}",
         "--results_dir", str(results_dir), *extra,
-    ]
+    ])
+
+
+def _run(cli_args: list[str]) -> subprocess.CompletedProcess:
+    """``lightning_cli.py`` in a process of its own (DDP launches its other ranks from it)."""
+    args = [sys.executable, str(ROOT / "lightning_cli.py"), *cli_args]
     # One thread per process in both runs: Lightning gives each of W CPU processes cores / W threads,
     # and a CPU convolution may round differently with another thread count. The comparison is of
     # the sharding and the gathering, which must not change a bit.
@@ -111,3 +116,48 @@ def test_more_ranks_than_images(tmp_path, resnet18_weights, fitted):
         for name in RESULTS_COLUMNS:
             assert three[row][name] == pytest.approx(one[row][name], rel=0, abs=0, nan_ok=True), (row, name)  # equal
     assert (tmp_path / "three" / "results.csv").read_text() == (tmp_path / "one" / "results.csv").read_text()
+
+
+def test_devices_without_a_strategy_fit_then_test_equal_one_process(mvtec_root, resnet18_weights, tmp_path):
+    """``--trainer.devices 2`` and nothing else (Lightning resolves ``auto`` to DDP): ``test`` without
+    model paths fits first, then evaluates; the banks and results.csv are the single process's."""
+    args = [
+        "test", *_data_args(mvtec_root), "--data.categories", "[alpha]",
+        "--model.backbones", "[resnet18]", "--model.backbone_weights", str(resnet18_weights),
+        "--model.pretrain_embed_dimension", "96", "--model.target_embed_dimension", "64",
+        "--model.percentage", "0.5", "--trainer.logger", "false",
+    ]
+    _run([*args, "--results_dir", str(tmp_path / "one"), "--trainer.devices", "1"])
+    proc = _run([*args, "--results_dir", str(tmp_path / "two"), "--trainer.devices", "2"])
+    assert "Evaluating dataset [mvtec_alpha] (1/1)" in proc.stderr
+    # 3 training images in batches of 2: one batch per rank, gathered in image order before the coreset
+    one, two = (tmp_path / d / "models" / "mvtec_alpha" for d in ("one", "two"))
+    names = sorted(p.name for p in one.iterdir())
+    assert names == sorted(p.name for p in two.iterdir()) and "nnscorer_search_index.faiss" in names
+    for name in names:
+        assert (two / name).read_bytes() == (one / name).read_bytes(), name
+    assert (tmp_path / "two" / "results.csv").read_text() == (tmp_path / "one" / "results.csv").read_text()
+
+
+def test_every_ddp_strategy_leaves_the_model_unwrapped():
+    """A DDPStrategy however made (by name, as an instance, as Lightning resolves auto) becomes the
+    frozen-model DDP with its settings; other strategies stay; a DDPStrategy subclass is refused."""
+    from datetime import timedelta
+
+    from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy, StrategyRegistry
+
+    from patchcore_lightning.module import FrozenModelDDPStrategy, leave_model_unwrapped
+
+    given = DDPStrategy(process_group_backend="gloo", timeout=timedelta(seconds=77), start_method="popen")
+    leave_model_unwrapped(given)
+    assert type(given) is FrozenModelDDPStrategy
+    assert given.process_group_backend == "gloo" and given._timeout == timedelta(seconds=77)
+    for name in ("ddp", "ddp_spawn", "ddp_fork"):
+        strategy = StrategyRegistry.get(name)
+        leave_model_unwrapped(strategy)
+        assert type(strategy) is FrozenModelDDPStrategy, name
+    single = SingleDeviceStrategy("cpu")
+    leave_model_unwrapped(single)
+    assert type(single) is SingleDeviceStrategy
+    with pytest.raises(ValueError, match="DeepSpeedStrategy wraps the model"):
+        leave_model_unwrapped(DeepSpeedStrategy.__new__(DeepSpeedStrategy))

@@ -6,9 +6,11 @@ import csv
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from patchcore_lightning.callbacks import heatmap_names
 from patchcore_lightning.cli import PatchCoreCLI, main
 from patchcore_lightning.data.mvtec import list_samples
 
@@ -78,9 +80,10 @@ def test_predict_scores_equal_test_raw_scores(folder, resnet18_weights, tmp_path
     labels = [truth[p][1] for p in truth]
     auroc = roc_auc_score(labels, [scores[p] for p in truth])
     assert auroc == result.instance_auroc == 0.8125  # the same scores; 13 of 16 pairs, exact in float64
-    heatmap = tmp_path / "pred" / "heatmaps" / "day2" / "cam0" / "good" / "000.png.png"
+    heatmap = tmp_path / "pred" / "heatmaps" / "day2" / "cam0" / "good" / "000.png"  # of day2/cam0/good/000.png
     assert Image.open(heatmap).size == (2 * 224, 224 + 18)
     assert np.load(heatmap.with_suffix(".npy")).shape == (224, 224)
+    assert not list((tmp_path / "pred" / "heatmaps").rglob("*.png.png"))  # one extension
 
 
 def test_predict_empty_folder_is_a_clear_error(tmp_path, resnet18_weights, capsys):
@@ -109,8 +112,61 @@ def test_predict_under_ddp_scores_each_image_once(folder, resnet18_weights, tmp_
             return list(csv.DictReader(handle))
 
     one = run(tmp_path / "one")
-    two = run(tmp_path / "two", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    two = run(tmp_path / "two", "--trainer.devices", "2")  # no strategy: Lightning's auto resolves to DDP
     assert [r["path"] for r in two] == [r["path"] for r in one]  # each once, same order
-    for a, b in zip(one, two):
-        assert float(b["score"]) == float(a["score"]), a["path"]  # batches of one (_common): the same bits
+    assert (tmp_path / "two" / "predictions.csv").read_text() == (tmp_path / "one" / "predictions.csv").read_text()
     assert (tmp_path / "two" / "skipped.csv").read_text() == (tmp_path / "one" / "skipped.csv").read_text()
+    heatmaps = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one" / "heatmaps").rglob("*.png"))
+    assert len(heatmaps) == len(one)
+    for name in heatmaps:  # written by the rank that scored the image
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
+
+
+def test_heatmap_names_keep_one_extension_and_never_share_a_file():
+    assert heatmap_names(["day1/000.png", "day1/001.JPG", "b.tif"]) == ["day1/000", "day1/001", "b"]
+    # a.png and a.jpg of one folder (and A.bmp, one file on a case-insensitive system) keep their extensions
+    names = heatmap_names(["a.png", "a.jpg", "A.bmp", "sub/a.png", "b.png"])
+    assert names == ["a.png", "a.jpg", "A.bmp", "sub/a", "b"]
+    with pytest.raises(ValueError, match=r"heatmaps/a_mask.png for both a.png and a_mask.png"):
+        heatmap_names(["a.png", "a_mask.png"], masks=True)
+    assert heatmap_names(["a.png", "a_mask.png"]) == ["a", "a_mask"]  # no masks: nothing shared
+    with pytest.raises(ValueError, match=r"heatmaps/a.png.png for both a.png and a.png.bmp"):
+        heatmap_names(["a.png", "a.jpg", "a.png.bmp"])
+
+
+def test_heatmaps_show_the_score_and_do_not_overwrite_each_other(tmp_path, resnet18_weights, monkeypatch):
+    """a.png and a.jpg of one folder get a heatmap each; every file is the same with 4 encoding threads
+    as in the loop's thread; the right panel is the raw map over the image, captioned with the score."""
+    from functools import partial
+
+    from patchcore_lightning import callbacks, cli
+    from patchcore_lightning.reporting import blend
+
+    root = tmp_path / "in"
+    samples = list_samples(FIXTURE / "data", "weave")
+    (root / "cam").mkdir(parents=True)
+    Image.open(samples[0].image).convert("RGB").save(root / "cam" / "a.png")
+    Image.open(samples[-1].image).convert("RGB").save(root / "cam" / "a.jpg", quality=95)
+    Image.open(samples[1].image).convert("RGB").save(root / "cam" / "b.png")
+    captions = []
+    compose = callbacks.compose
+    monkeypatch.setattr(callbacks, "compose", lambda panels, caption: captions.append(caption) or compose(panels, caption))
+    args = ["--data.predict_dir", str(root), "--model.pixel_threshold", "3", "--model.save_raw_maps", "true"]
+    main(["predict", *_common(resnet18_weights, tmp_path / "pooled"), *args])
+    monkeypatch.setattr(cli, "PredictionWriter", partial(callbacks.PredictionWriter, encode_threads=0))
+    main(["predict", *_common(resnet18_weights, tmp_path / "inline"), *args])
+
+    files = sorted(p.relative_to(tmp_path / "pooled").as_posix() for p in (tmp_path / "pooled" / "heatmaps").rglob("*") if p.is_file())
+    assert files == [f"heatmaps/cam/{n}{s}" for n in ("a.jpg", "a.png", "b") for s in (".npy", ".png", "_mask.png")]
+    for name in files:
+        assert (tmp_path / "inline" / name).read_bytes() == (tmp_path / "pooled" / name).read_bytes(), name
+    with open(tmp_path / "pooled" / "predictions.csv", newline="") as handle:
+        scores = {r["path"]: float(r["score"]) for r in csv.DictReader(handle)}
+    assert scores["cam/a.png"] != scores["cam/a.jpg"]
+    for path, name in (("cam/a.png", "cam/a.png"), ("cam/a.jpg", "cam/a.jpg"), ("cam/b.png", "cam/b")):
+        strip = np.asarray(Image.open(tmp_path / "pooled" / "heatmaps" / f"{name}.png"))  # (18 + S, 2S, 3)
+        raw_map = torch.from_numpy(np.load(tmp_path / "pooled" / "heatmaps" / f"{name}.npy"))
+        image, top = strip[18:, :224], float(raw_map.max())  # no threshold nor heatmap_max: the map's own maximum
+        np.testing.assert_array_equal(strip[18:, 224:], blend(image, (raw_map / top).clamp(0, 1)))
+        assert f"{path}  score {scores[path]:.6g}  scale 0..{top:.4g}" in captions  # the score, not the map's max
+        assert f"{top:.6g}" != f"{scores[path]:.6g}"  # (the blurred map's maximum is another number)

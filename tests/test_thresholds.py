@@ -112,8 +112,9 @@ def test_predict_with_the_thresholds_flags_what_they_promise(tested, resnet18_we
         truth = np.array([labels[r["path"]] for r in rows]) == 1
         assert 2 * (flagged & truth).sum() / (flagged.sum() + truth.sum()) == row["image_f1"]  # one division of the same counts
         for r in rows:
-            raw = np.load(tmp_path / how / "heatmaps" / f"{r['path']}.npy")
-            mask = np.asarray(Image.open(tmp_path / how / "heatmaps" / f"{r['path']}_mask.png"))
+            name = r["path"].rsplit(".", 1)[0]  # heatmaps/<path without its extension>
+            raw = np.load(tmp_path / how / "heatmaps" / f"{name}.npy")
+            mask = np.asarray(Image.open(tmp_path / how / "heatmaps" / f"{name}_mask.png"))
             assert int(r["anomalous_pixels"]) == int((raw >= row["pixel_threshold"]).sum()) == int((mask == 255).sum())
             assert set(np.unique(mask)) <= {0, 255}
 

@@ -6,13 +6,23 @@ import os
 from typing import Literal
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from . import mvtec, visa
 from .folder import ImageFolderDataset
 from .images import PADDING_INDEX, DataError, Sample, SampleDataset
 
-__all__ = ["BENCHMARKS", "AnomalyDataModule", "Benchmark", "ShardBatches", "list_split", "loader_settings", "shard_batches"]
+__all__ = [
+    "BENCHMARKS",
+    "AnomalyDataModule",
+    "Benchmark",
+    "ItemwiseLoader",
+    "ShardBatches",
+    "list_split",
+    "loader_settings",
+    "shard_batches",
+]
 
 Benchmark = Literal["mvtec_ad", "mvtec_ad2", "visa", "mpdd", "btad", "folder"]
 # benchmark → the prefix of its rows in results.csv (and of its segmentation images, TensorBoard tags,
@@ -88,6 +98,60 @@ class ShardBatches(Sampler[list[int]]):
 
     def __len__(self) -> int:
         return len(self.batches)
+
+
+def _stack_items(items: list[tuple], pin_memory: bool) -> list:
+    """Items (tuples of tensors, ints, strings) → a batch as ``default_collate`` makes it: a list of
+    the tensors stacked (into page-locked memory when ``pin_memory``), the ints as an int64 tensor,
+    the strings as a tuple."""
+    out = []
+    for field in zip(*items):
+        first = field[0]
+        if isinstance(first, torch.Tensor):
+            buffer = torch.empty((len(field), *first.shape), dtype=first.dtype, pin_memory=pin_memory)
+            out.append(torch.stack(field, out=buffer))  # (B, *item shape)
+        elif isinstance(first, int):
+            out.append(torch.tensor(field))  # (B,) int64
+        else:
+            out.append(field)
+    return out
+
+
+class ItemwiseLoader(DataLoader):
+    """A DataLoader over ``batch_sampler``'s batches whose items are read one at a time by all its
+    workers, then stacked into those batches, in order, in this process.
+
+    A DataLoader hands each worker a whole batch: 150 test images in batches of 32 are 5 batches,
+    so 5 of 15 workers ever work, and a batch waits for one worker to decode its 32 images. Here
+    every worker decodes items of every batch. The batches are the batch sampler's, item for item
+    and pixel for pixel (the order ``shard_batches`` deals, which DDP equality rests on). With 0 or
+    1 workers it is a plain DataLoader.
+    """
+
+    def __init__(self, dataset: Dataset, batch_sampler: Sampler[list[int]], num_workers: int = 0,
+                 pin_memory: bool = False, **kwargs) -> None:
+        # **kwargs: what Lightning passes when it rebuilds the loader (predict wraps the batch sampler)
+        super().__init__(dataset, batch_sampler=batch_sampler, num_workers=num_workers, pin_memory=pin_memory, **kwargs)
+
+    def __iter__(self):
+        if self.num_workers < 2:
+            return super().__iter__()
+        return self._batches()
+
+    def _batches(self):
+        batches = list(self.batch_sampler)  # drawn up front (Lightning's predict wrapper records them as drawn)
+        items = DataLoader(
+            self.dataset,
+            sampler=[index for batch in batches for index in batch],
+            batch_size=None,  # one item at a time, to whichever worker is free
+            num_workers=self.num_workers,
+            worker_init_fn=self.worker_init_fn,
+            multiprocessing_context=self.multiprocessing_context,
+            timeout=self.timeout,
+        )
+        stream = iter(items)
+        for batch in batches:
+            yield _stack_items([next(stream) for _ in batch], self.pin_memory)
 
 
 class AnomalyDataModule(L.LightningDataModule):
@@ -191,7 +255,11 @@ class AnomalyDataModule(L.LightningDataModule):
             rank, world = trainer.global_rank, trainer.world_size
             device, local = trainer.strategy.root_device.type, trainer.num_devices
         batch_size, num_workers = loader_settings(self.hparams.batch_size, self.hparams.num_workers, device, local)
-        return DataLoader(
+        # on a GPU the workers' decoding is the floor of the loop, and 15 workers outnumber a category's
+        # batches: they decode items; on a CPU (batches of 2, workers busy with many batches, the cores
+        # shared with the backbone) the per-item hand-over measured slower (benchmarks/README.md)
+        loader = DataLoader if device == "cpu" else ItemwiseLoader
+        return loader(
             dataset,
             batch_sampler=ShardBatches(len(dataset), batch_size, rank, world),
             num_workers=num_workers,
