@@ -1,4 +1,4 @@
-"""Entry point: ``python lightning_cli.py {test,fit,predict} --config configs/<x>.yaml``."""
+"""Entry point: ``python lightning_cli.py {fit,test,predict,export} --config configs/<x>.yaml``."""
 
 from patchcore_lightning.cli import main
 

@@ -13,7 +13,7 @@ Writes under ``--out``: ``predictions.csv`` with predict's columns (``path``, ``
 image score; for an ensemble the mean of the members'), ``score_member<i>`` for ensembles,
 ``is_anomalous`` with an image threshold, ``anomalous_pixels`` with a pixel threshold),
 ``skipped.csv`` (files that could not be read, and why), and with ``--heatmaps``
-``heatmaps/<path>.png`` (the image | the raw map over it on the scale 0..heatmap_max, as predict
+``heatmaps/<path without its extension>.png``, named as predict names them (the image | the raw map over it on the scale 0..heatmap_max, as predict
 draws them), ``<name>_mask.png`` with a pixel threshold and ``.npy`` raw maps with ``--save-raw-maps``.
 
 OpenVINO is always compiled with ``INFERENCE_PRECISION_HINT: f32``: its CPU plugin otherwise runs
@@ -32,7 +32,8 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
+from collections import Counter
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -298,10 +299,28 @@ def colorize(values: np.ndarray) -> np.ndarray:
     return np.round(np.stack(channels, axis=-1) * 255).astype(np.uint8)
 
 
-def heatmap(out: Path, path: str, pixels: np.ndarray, raw_map: np.ndarray, top: float, pixel_t: float | None,
-            save_raw: bool) -> None:
-    """heatmaps/<path>.png: the image | the raw map over it on the scale 0..top, under a caption (as predict)."""
-    target = out / "heatmaps" / f"{path}.png"
+def heatmap_names(paths: list[str], masks: bool = False, raw_maps: bool = False) -> list[str]:
+    """predict's heatmap names: each input's relative path without its extension (``day1/000.png`` →
+    ``day1/000``), or with it where inputs of one folder differ only in their extension (``a.png`` and
+    ``a.jpg``), compared ignoring case; ValueError where two inputs would still write one file."""
+    stems = [str(PurePosixPath(p).with_suffix("")) for p in paths]
+    shared = Counter(stem.casefold() for stem in stems)
+    names = [path if shared[stem.casefold()] > 1 else stem for path, stem in zip(paths, stems)]
+    suffixes = [".png", *(["_mask.png"] if masks else []), *([".npy"] if raw_maps else [])]
+    owners: dict[str, str] = {}
+    for path, name in zip(paths, names):
+        for suffix in suffixes:
+            other = owners.setdefault((name + suffix).casefold(), path)
+            if other != path:
+                raise ValueError(f"heatmaps/{name}{suffix} would be written for both {other} and {path}; rename one of them")
+    return names
+
+
+def heatmap(out: Path, name: str, path: str, score: float, pixels: np.ndarray, raw_map: np.ndarray, top: float,
+            pixel_t: float | None, save_raw: bool) -> None:
+    """heatmaps/<name>.png: the image | the raw map over it on the scale 0..top, captioned with the input's
+    path and its score (as predict); <name>_mask.png with a pixel threshold, <name>.npy with save_raw."""
+    target = out / "heatmaps" / f"{name}.png"
     target.parent.mkdir(parents=True, exist_ok=True)
     blended = np.round(0.5 * pixels.astype(np.float32) + 0.5 * colorize(raw_map / top).astype(np.float32)).astype(np.uint8)
     H, W = pixels.shape[:2]
@@ -309,12 +328,12 @@ def heatmap(out: Path, path: str, pixels: np.ndarray, raw_map: np.ndarray, top: 
     canvas = Image.new("RGB", (2 * W, H + band), "white")
     canvas.paste(Image.fromarray(pixels), (0, band))
     canvas.paste(Image.fromarray(blended), (W, band))
-    ImageDraw.Draw(canvas).text((4, 3), f"{path}  max {float(raw_map.max()):.4g}  scale 0..{top:.4g}", fill="black")
+    ImageDraw.Draw(canvas).text((4, 3), f"{path}  score {score:.6g}  scale 0..{top:.4g}", fill="black")
     canvas.save(target)
     if save_raw:
-        np.save(target.with_suffix(".npy"), raw_map)
+        np.save(out / "heatmaps" / f"{name}.npy", raw_map)
     if pixel_t is not None:
-        Image.fromarray(((raw_map >= pixel_t).astype(np.uint8) * 255)).save(target.with_name(f"{Path(path).name}_mask.png"))
+        Image.fromarray(((raw_map >= pixel_t).astype(np.uint8) * 255)).save(out / "heatmaps" / f"{name}_mask.png")
 
 
 def score_folder(runtime: Runtime, images: Path, out: Path, batch_size: int = 8, heatmaps: bool = False,
@@ -326,10 +345,12 @@ def score_folder(runtime: Runtime, images: Path, out: Path, batch_size: int = 8,
     thresholds = meta.get("thresholds") or {}
     pixel_t = thresholds.get("pixel_threshold")
     paths = list_images(images)
+    names_of = dict(zip(paths, heatmap_names([p.relative_to(images).as_posix() for p in paths],
+                                             masks=pixel_t is not None, raw_maps=save_raw_maps)))
     out.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     for start in range(0, len(paths), batch_size):
-        batch, names = [], []
+        batch, names, files = [], [], []
         for path in paths[start : start + batch_size]:
             relative = path.relative_to(images).as_posix()
             pixels, error = load(path, prep["resize"], crop)
@@ -338,6 +359,7 @@ def score_folder(runtime: Runtime, images: Path, out: Path, batch_size: int = 8,
             else:
                 batch.append(pixels)
                 names.append(relative)
+                files.append(names_of[path])
         if not batch:
             continue
         pixels = np.stack(batch)  # (b, H, W, 3) uint8
@@ -349,7 +371,7 @@ def score_folder(runtime: Runtime, images: Path, out: Path, batch_size: int = 8,
             rows.append(row)
             if heatmaps:
                 top = heatmap_max or thresholds.get("image_threshold") or float(maps[i].max()) or 1.0
-                heatmap(out, name, pixels[i], maps[i], top, pixel_t, save_raw_maps)
+                heatmap(out, files[i], name, float(score[i]), pixels[i], maps[i], top, pixel_t, save_raw_maps)
     rows.sort(key=lambda r: r["path"])
     write_tables(out, rows, thresholds, len(meta["members"]))
     return rows

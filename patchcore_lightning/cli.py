@@ -388,6 +388,10 @@ class PatchCoreCLI(LightningCLI):
     ) -> list[Path]:
         """Write every folder of model.model_paths as ONNX (and OpenVINO IR) under results_dir/export/."""
         _check_writable(self.results_dir)
+        paths, categories = model.hparams.model_paths, datamodule.categories
+        if paths and len(paths) in (1, len(categories)):  # the folders test would read: the same checks, the same line
+            folders = {c: _model_path(paths, i, len(categories)) for i, c in enumerate(categories)}
+            self._check_before_work(datamodule, folders=folders)
         written = export_folders(model, datamodule, self.results_dir, export)
         for path in written:
             print(f"exported {path} and {path.with_name('metadata.json')}")

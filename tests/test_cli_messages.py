@@ -38,9 +38,9 @@ def _one_line_error(capsys, args: list[str]) -> str:
         (["test", "--data.batch_size", "two"], "error: --data.batch_size: invalid value 'two'; expected int or null"),
         (["test", "--trainer.gradient_clip_val", "1"],
          "error: --trainer.gradient_clip_val is a Lightning Trainer option this tool does not use"),
-        (["validate"], "error: 'validate' is not a command of this tool; the commands are fit, test, predict: "
+        (["validate"], "error: 'validate' is not a command of this tool; the commands are fit, test, predict, export: "
                        "thresholds come from test (thresholds.csv)"),
-        (["tset"], "error: 'tset' is not a command of this tool; the commands are fit, test, predict"),
+        (["tset"], "error: 'tset' is not a command of this tool; the commands are fit, test, predict, export"),
     ],
 )
 def test_a_bad_argument_is_one_line(capsys, args, expected):
