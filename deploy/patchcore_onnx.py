@@ -300,7 +300,9 @@ def colorize(values: np.ndarray) -> np.ndarray:
 
 
 def heatmap_names(paths: list[str], masks: bool = False, raw_maps: bool = False) -> list[str]:
-    """predict's heatmap names: each input's relative path without its extension (``day1/000.png`` →
+    """predict's heatmap names (``patchcore_lightning.callbacks.heatmap_names``, repeated here because
+    this file imports nothing of the package; tests/test_export.py checks they agree): each input's
+    relative path without its extension (``day1/000.png`` →
     ``day1/000``), or with it where inputs of one folder differ only in their extension (``a.png`` and
     ``a.jpg``), compared ignoring case; ValueError where two inputs would still write one file."""
     stems = [str(PurePosixPath(p).with_suffix("")) for p in paths]

@@ -394,3 +394,17 @@ def test_pooling_convolution_equals_embed(channels, patchsize, size):
     expected, (h, w) = embed([x], patchsize, 1, size, size)  # (B*h*w, size)
     got = got.permute(0, 2, 3, 1).reshape(-1, size)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)  # the same sums in another order
+
+
+def test_the_runtime_names_heatmaps_as_predict_does():
+    from patchcore_lightning.callbacks import heatmap_names
+
+    deploy = load_deploy()
+    paths = ["day1/000.png", "day1/001.JPG", "a.png", "a.jpg", "A.bmp", "sub/a.png", "b.tif"]
+    for masks, raw_maps in ((False, False), (True, True)):
+        assert deploy.heatmap_names(paths, masks, raw_maps) == heatmap_names(paths, masks, raw_maps)
+    for clash in (["a.png", "a.jpg", "a.png.bmp"], ["a.png", "a_mask.png"]):
+        with pytest.raises(ValueError):
+            heatmap_names(clash, masks=True)
+        with pytest.raises(ValueError):
+            deploy.heatmap_names(clash, masks=True)

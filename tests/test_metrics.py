@@ -40,6 +40,19 @@ def _category(seed: int, n: int = 6, members: int = 2, size: int = 16):
     return raw_scores, raw_maps, masks, labels
 
 
+def _assert_the_originals_metrics(result, raw_scores, raw_maps, masks, labels) -> None:
+    """``result``'s five numbers against the transcribed original's on the same raw outputs. Both
+    normalise: M-member means of (x - lo) / span <= 1, in float32 by other kernels (the oracle in
+    numpy), so the metrics may differ by what that rounding can reorder (tests/bounds.py)."""
+    members = [(raw_scores[:, m].numpy(), raw_maps[:, m].numpy()) for m in range(raw_scores.shape[1])]
+    expected = oracle.evaluate(members, masks.numpy() / 255.0, labels.numpy())
+    scores, maps = ensemble(raw_scores, raw_maps)
+    delta = float(chain_bound(raw_scores.shape[1] + 3, 1.0))
+    bounds = metric_bounds(scores, maps, masks == 255, labels, delta, delta, masks.flatten(1).amax(1) > 0)
+    for name in METRIC_NAMES:
+        assert getattr(result, name) == pytest.approx(expected[name], abs=bounds[name]), name
+
+
 def test_binary_auroc_sigmoid_trap_is_real_and_avoided():
     scores = torch.tensor([1000.0, 2000.0, 3000.0, 4000.0])
     labels = torch.tensor([0, 1, 0, 1])
@@ -58,14 +71,7 @@ def test_evaluation_matches_the_original_computation(seed):
     for chunk in order.split(4):  # batches out of order: compute() sorts by index
         metric.update(raw_scores[chunk], raw_maps[chunk], masks[chunk], labels[chunk], chunk)
     result = metric.compute()
-    members = [(raw_scores[:, m].numpy(), raw_maps[:, m].numpy()) for m in range(raw_scores.shape[1])]
-    expected = oracle.evaluate(members, masks.numpy() / 255.0, labels.numpy())
-    # the normalised values of both: M-member means of (x - lo) / span <= 1, in float32 by other kernels
-    scores, maps = ensemble(raw_scores, raw_maps)
-    delta = float(chain_bound(raw_scores.shape[1] + 3, 1.0))
-    bounds = metric_bounds(scores, maps, masks == 255, labels, delta, delta, masks.flatten(1).amax(1) > 0)
-    for name in METRIC_NAMES:
-        assert getattr(result, name) == pytest.approx(expected[name], abs=bounds[name]), name
+    _assert_the_originals_metrics(result, raw_scores, raw_maps, masks, labels)
     assert torch.equal(result.indices, torch.arange(len(labels)))
 
 
@@ -183,14 +189,8 @@ def test_evaluate_takes_the_raw_outputs_and_returns_a_typed_result():
     raw_scores, raw_maps, masks, labels = _category(3, n=9)
     result = evaluate(raw_scores, raw_maps, labels, masks)
     assert isinstance(result, Evaluation)
-    members = [(raw_scores[:, m].numpy(), raw_maps[:, m].numpy()) for m in range(raw_scores.shape[1])]
-    expected = oracle.evaluate(members, masks.numpy() / 255.0, labels.numpy())
+    _assert_the_originals_metrics(result, raw_scores, raw_maps, masks, labels)
     scores, maps = ensemble(raw_scores, raw_maps)
-    # the oracle normalises in numpy by other kernels: as in test_evaluation_matches_the_original_computation
-    delta = float(chain_bound(raw_scores.shape[1] + 3, 1.0))
-    bounds = metric_bounds(scores, maps, masks == 255, labels, delta, delta, masks.flatten(1).amax(1) > 0)
-    for name in METRIC_NAMES:
-        assert getattr(result, name) == pytest.approx(expected[name], abs=bounds[name]), name
     assert torch.equal(result.scores, scores) and torch.equal(result.maps, maps)
     assert torch.equal(result.masks, masks) and torch.equal(result.raw_scores, raw_scores)
     assert result.metrics() == normalised_metrics(scores, maps, masks, labels)
