@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import importlib.util
 import json
 import logging
 import os
@@ -387,6 +388,11 @@ class PatchCoreCLI(LightningCLI):
         self, model: PatchCoreModule, datamodule: AnomalyDataModule, export: ExportOptions = ExportOptions()  # noqa: B008
     ) -> list[Path]:
         """Write every folder of model.model_paths as ONNX (and OpenVINO IR) under results_dir/export/."""
+        needed = ["onnx"] + (["openvino"] if export.format == "openvino" else [])
+        missing = [name for name in needed if importlib.util.find_spec(name) is None]
+        if missing:
+            extra = "openvino" if "openvino" in missing else "onnx"
+            raise ValueError(f"export needs {' and '.join(missing)}, which is not installed: pip install -e \".[{extra}]\"")
         _check_writable(self.results_dir)
         paths, categories = model.hparams.model_paths, datamodule.categories
         if paths and len(paths) in (1, len(categories)):  # the folders test would read: the same checks, the same line

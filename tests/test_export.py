@@ -408,3 +408,19 @@ def test_the_runtime_names_heatmaps_as_predict_does():
             heatmap_names(clash, masks=True)
         with pytest.raises(ValueError):
             deploy.heatmap_names(clash, masks=True)
+
+
+def test_export_without_onnx_installed_says_which_extra(monkeypatch, capsys, tmp_path):
+    import importlib.util
+
+    from patchcore_lightning import cli
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name, *a: None if name == "onnx" else find_spec(name, *a))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "--data.root", str(FIXTURE / "data"), "--data.categories", "[weave]",
+              "--model.model_paths", f"[{FIXTURE / 'model'}]", "--results_dir", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        'error: export needs onnx, which is not installed: pip install -e ".[onnx]"')
+    assert not (tmp_path / "export").exists()
