@@ -25,7 +25,8 @@ from patchcore_lightning.model import Backbones, default_resize
 from patchcore_lightning.model_io import read_params
 from patchcore_lightning.reporting import read_results, read_thresholds
 
-from .conftest import FIXTURE, RESNET18_SEED0_TENSOR_SHA256, fixture_args
+from .conftest import FIXTURE, fixture_args
+from .test_original_fixture import _original_gap_bound, _raw_outputs, metric_bounds
 
 REPO = Path(__file__).resolve().parent.parent
 ORIGINAL = np.load(FIXTURE / "original_outputs.npz")
@@ -34,9 +35,6 @@ META = json.loads((FIXTURE / "original_metrics.json").read_text())
 
 @pytest.fixture(scope="module")
 def weights(resnet18_weights):
-    digest = resnet18_weights.with_suffix(".sha256")  # written where the weights are redrawn, not shipped
-    if digest.is_file() and digest.read_text() != RESNET18_SEED0_TENSOR_SHA256:
-        pytest.skip("this torch/torchvision builds other seed-0 resnet18 weights than the fixture's (2.14.1/0.29.1)")
     return resnet18_weights
 
 
@@ -57,12 +55,14 @@ def test_python_api_gives_the_originals_outputs_and_the_clis_rows(weights, tmp_p
     raw_scores = torch.cat([s for s, _ in outputs])  # (8, 1)
     raw_maps = torch.cat([m for _, m in outputs])  # (8, 1, 224, 224)
     assert raw_scores.shape == (8, 1) and raw_maps.shape == (8, 1, 224, 224)
-    # rtol 5e-5: float32 rounding of the backbone and search across CPUs, as test_original_fixture
-    np.testing.assert_allclose(raw_scores[:, 0].numpy(), ORIGINAL["image_scores"], rtol=5e-5)
+    # the original's outputs within the rounding bounds test_original_fixture derives from the data
+    reference = _raw_outputs(weights, warmup=True)
+    assert bool((np.abs(raw_scores[:, 0].double().numpy() - ORIGINAL["image_scores"]) <= _original_gap_bound(reference)).all())
     result = evaluate(raw_scores, raw_maps, torch.as_tensor(ORIGINAL["labels"]), torch.stack(masks))
     assert isinstance(result, Evaluation)
-    for name, value in META["metrics"].items():  # 5e-6: float32 rounding across CPUs (test_original_fixture)
-        assert getattr(result, name) == pytest.approx(value, abs=5e-6), name
+    bounds = metric_bounds(reference)
+    for name, value in META["metrics"].items():
+        assert abs(getattr(result, name) - value) <= bounds[name], name
     main(["test", *fixture_args(weights, tmp_path, "--trainer.logger", "false")])
     assert read_results(tmp_path / "results.csv")["mvtec_weave"] == result.metrics()
     assert read_thresholds(tmp_path / "thresholds.csv")["mvtec_weave"] == {
