@@ -17,7 +17,7 @@ from patchcore_lightning.memory_bank import MemoryBank
 from patchcore_lightning.metrics import PatchCoreEvaluation
 from patchcore_lightning.reporting import read_results
 
-from .bounds import FEATURE_ROUNDING, U, auroc_shift_bound, feature_shift_bound, formula_bound, pro_shift_bound
+from .bounds import FEATURE_ROUNDING, U, feature_shift_bound, formula_bound, metric_bounds
 from .conftest import (
     FIXTURE,
     RESNET18_SEED0_TENSOR_SHA256,
@@ -116,29 +116,21 @@ def test_without_the_bn_warmup_the_scores_differ(weights):
     assert np.abs(scores - ORIGINAL["image_scores"]).max() > 1.0  # ~100x the bound above
 
 
-def metric_bounds(out: dict[str, np.ndarray]) -> dict[str, float]:
-    """How far each of the five metrics may move when the raw outputs move within _original_gap_bound:
-    the pairs an AUROC can reorder, the FPR window an AUPRO can shift by (tests/bounds.py). Positives
-    are the pixels whose resized mask is exactly 1, as the original counts them."""
-    bound = _original_gap_bound(out)
+def original_metric_bounds(out: dict[str, np.ndarray]) -> dict[str, float]:
+    """How far each of the five metrics may move when the raw outputs move within _original_gap_bound
+    (bounds.metric_bounds: the pairs an AUROC can reorder, the FPR window an AUPRO can shift by, and
+    the metrics' own float64 rounding). Positives are the pixels whose resized mask is exactly 1, as
+    the original counts them; the anomaly-only metrics take the anomalous images."""
+    delta = float(_original_gap_bound(out).max())
     labels = np.array([not name.startswith("test/good/") for name in META["image_names"]])
-    truth = out["masks"] == 255
-    delta = float(bound.max())
-    anomalous = out["maps"][labels], truth[labels]
-    return {
-        "instance_auroc": auroc_shift_bound(out["scores"], labels, bound),
-        "full_pixel_auroc": auroc_shift_bound(out["maps"], truth, delta),
-        "anomaly_pixel_auroc": auroc_shift_bound(*anomalous, delta),
-        "full_pro": pro_shift_bound(out["maps"], ~truth, delta),
-        "anomaly_pro": pro_shift_bound(anomalous[0], ~anomalous[1], delta),
-    }
+    return metric_bounds(out["scores"], out["maps"], out["masks"] == 255, labels, delta, delta, subset=labels)
 
 
 def test_cli_reproduces_the_original_metrics(weights, ours, tmp_path):
     main(["test", *fixture_args(weights, tmp_path, "--trainer.logger", "false")])
     rows = read_results(tmp_path / "results.csv")
     assert list(rows) == ["mvtec_weave", "mean"]
-    bounds = metric_bounds(ours)
+    bounds = original_metric_bounds(ours)
     for name, value in META["metrics"].items():
         assert abs(rows["mvtec_weave"][name] - value) <= bounds[name], (name, rows["mvtec_weave"][name], bounds[name])
         assert rows["mean"][name] == rows["mvtec_weave"][name]
