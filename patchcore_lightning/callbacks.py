@@ -383,7 +383,8 @@ def _draw_heatmap(
 
 class ModelFolderWriter(Callback):
     """At the end of ``fit``, the model in the original's format: ``<results_dir>/models/<dataset>/``
-    (rank 0), with our sidecar ``patchcore_lightning.json`` (weights' sha256, sampler, training images)."""
+    (rank 0, while the other ranks wait), with our sidecar ``patchcore_lightning.json`` (weights' sha256,
+    sampler, training images)."""
 
     def __init__(self, results_dir: str | Path) -> None:
         self.results_dir = Path(results_dir)
@@ -392,8 +393,13 @@ class ModelFolderWriter(Callback):
         return self.results_dir / "models" / dataset_name
 
     def on_train_end(self, trainer, pl_module) -> None:
-        if not trainer.is_global_zero:
-            return
+        if trainer.is_global_zero:
+            self._write(trainer, pl_module)
+        # Every rank leaves fit only once the folder is on disk: ``test`` without model paths reads
+        # it next, on every rank, and a rank that ran ahead would find no folder.
+        trainer.strategy.barrier("model folder written")
+
+    def _write(self, trainer, pl_module) -> None:
         h, model = pl_module.hparams, pl_module.model
         sidecar = {
             "weights_sha256": {p.backbone: pl_module.backbone_cache.sha256.get(p.backbone) for p in model.params},

@@ -58,15 +58,17 @@ def _cli(mvtec_root, folders, weights, results_dir, *extra) -> subprocess.Comple
     ])
 
 
-def _run(cli_args: list[str]) -> subprocess.CompletedProcess:
+def _run(cli_args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``lightning_cli.py`` in a process of its own (DDP launches its other ranks from it)."""
     args = [sys.executable, str(ROOT / "lightning_cli.py"), *cli_args]
     # One thread per process in both runs: Lightning gives each of W CPU processes cores / W threads,
     # and a CPU convolution may round differently with another thread count. The comparison is of
     # the sharding and the gathering, which must not change a bit.
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1", **(env or {})}
     proc = subprocess.run(args, capture_output=True, text=True, cwd=ROOT, timeout=600, env=env)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    # a rank's one-line error may lie far above the other rank's traceback: both go into the message
+    errors = "\n".join(line for line in proc.stderr.splitlines() if line.startswith("error:"))
+    assert proc.returncode == 0, errors + "\n...\n" + proc.stderr[-3000:]
     return proc
 
 
@@ -128,7 +130,24 @@ def test_devices_without_a_strategy_fit_then_test_equal_one_process(mvtec_root, 
         "--model.percentage", "0.5", "--trainer.logger", "false",
     ]
     _run([*args, "--results_dir", str(tmp_path / "one"), "--trainer.devices", "1"])
-    proc = _run([*args, "--results_dir", str(tmp_path / "two"), "--trainer.devices", "2"])
+    # Rank 0 writes the model folder 3 s late (a slow disk), so a rank that went on to test without
+    # waiting for the folder would look for it before it exists, every time.
+    slow = tmp_path / "slow_rank0"
+    slow.mkdir()
+    (slow / "sitecustomize.py").write_text(
+        "import os, sys, time\n"
+        "if os.environ.get('LOCAL_RANK', '0') == '0':\n"
+        "    from patchcore_lightning.model import PatchCore\n"
+        "    save = PatchCore.save\n"
+        "    def slow_save(self, *args, **kwargs):\n"
+        "        print('rank 0 writes the model folder 3 s late', file=sys.stderr)\n"
+        "        time.sleep(3)\n"
+        "        return save(self, *args, **kwargs)\n"
+        "    PatchCore.save = slow_save\n"
+    )
+    pythonpath = os.pathsep.join(filter(None, [str(slow), str(ROOT), os.environ.get("PYTHONPATH")]))
+    proc = _run([*args, "--results_dir", str(tmp_path / "two"), "--trainer.devices", "2"], env={"PYTHONPATH": pythonpath})
+    assert "rank 0 writes the model folder 3 s late" in proc.stderr
     assert "Evaluating dataset [mvtec_alpha] (1/1)" in proc.stderr
     # 3 training images in batches of 2: one batch per rank, gathered in image order before the coreset
     one, two = (tmp_path / d / "models" / "mvtec_alpha" for d in ("one", "two"))
