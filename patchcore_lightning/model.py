@@ -18,6 +18,7 @@ TF32 flags): the coreset draws from a generator of its own, seeded by the ``seed
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -237,6 +238,14 @@ class PatchCore(nn.Module):
             extractor.eval()
         return self
 
+    def __deepcopy__(self, memo: dict) -> PatchCore:
+        """A copy in this model's mode. torch.fx rebuilds a copied extractor (a GraphModule) in train
+        mode, where BatchNorm would use batch statistics and silently change the copy's scores."""
+        copied = type(self).__new__(type(self))
+        memo[id(self)] = copied
+        copied.__dict__.update({key: copy.deepcopy(value, memo) for key, value in self.__dict__.items()})
+        return copied.train(self.training)
+
     def transform(self, image: Image.Image) -> torch.Tensor:
         """A PIL image → (3, S, S) float32, the tensor ``test`` and ``predict`` make of the same file:
         converted to RGB, resized (shorter side to ``resize``, bilinear), centre-cropped to
@@ -264,14 +273,22 @@ class PatchCore(nn.Module):
         """Images (B, 3, H, W) → raw image scores (B, M), raw segmentations (B, M, H, W)."""
         if self.banks is None:
             raise RuntimeError("this PatchCore has no memory banks yet: fit it or load a model folder")
-        B, _, H, W = images.shape
-        scores, maps = [], []
-        for m, (p, bank) in enumerate(zip(self.params, self.banks)):
-            feats, (h, w) = self.patch_features(images, m)  # (B*h*w, D)
-            patch = bank.patch_scores(feats, p.anomaly_scorer_num_nn).view(B, h, w)  # (B, h, w)
-            scores.append(patch.flatten(1).amax(dim=1))  # (B,)
-            maps.append(segmentation_maps(patch, (H, W)))  # (B, H, W)
-        return torch.stack(scores, dim=1), torch.stack(maps, dim=1)
+        size = images.shape[-2:]
+        outputs = [self.score_features(*self.patch_features(images, m), m, size) for m in range(len(self))]
+        return torch.stack([s for s, _ in outputs], dim=1), torch.stack([m for _, m in outputs], dim=1)
+
+    def score_features(
+        self, features: torch.Tensor, grid: tuple[int, int], member: int, size: tuple[int, int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A member's patch features (B*h*w, D) on its (h, w) grid → its raw image scores (B,) and raw
+        segmentations (B, H, W) of ``size`` (H, W): the nearest-neighbour distances, their maximum
+        per image, and the upsampled, blurred patch scores."""
+        if self.banks is None:
+            raise RuntimeError("this PatchCore has no memory banks yet: fit it or load a model folder")
+        h, w = grid
+        patch = self.banks[member].patch_scores(features, self.params[member].anomaly_scorer_num_nn)  # (B*h*w,)
+        patch = patch.view(-1, h, w)  # (B, h, w)
+        return patch.flatten(1).amax(dim=1), segmentation_maps(patch, tuple(size))  # (B,), (B, H, W)
 
     # ------------------------------------------------------------------ building the banks
     @classmethod

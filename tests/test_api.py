@@ -84,6 +84,21 @@ def _image_zoo(root: Path) -> list[Path]:
     return out
 
 
+def test_a_deep_copy_scores_as_the_model(weights):
+    """copy.deepcopy of a model (its backbones are torch.fx GraphModules, which torch.fx rebuilds in
+    train mode) gives the model's outputs, bit for bit: BatchNorm keeps its running statistics."""
+    import copy
+
+    model = PatchCore.from_folder(FIXTURE / "model", backbone_weights=str(weights))
+    files = [FIXTURE / "data" / "weave" / name for name in META["image_names"][:3]]
+    images = torch.stack([model.transform(Image.open(f)) for f in files])
+    copied = copy.deepcopy(model)
+    assert not any(e.training for e in copied.extractors)
+    with torch.no_grad():
+        for ours, theirs in zip(model(images), copied(images)):
+            assert torch.equal(ours, theirs)
+
+
 def test_transform_gives_the_datamodules_tensors(tmp_path):
     model = PatchCore.from_folder(FIXTURE / "model", backbone_weights="random")
     dm = AnomalyDataModule(root=str(FIXTURE / "data"), categories=["weave"], resize=model.resize,
