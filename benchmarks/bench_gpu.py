@@ -25,8 +25,11 @@
    training epoch; coreset seconds: the end of the epoch to the banks; peak GPU memory) and
    ``test`` of one category (TensorBoard on), with its floors.
 5. GPU against CPU at 224², TF32 off: a model fitted on the device from 200 training images;
-   ``test`` of 60 of the test images on the CPU and on the device, the largest metric
-   difference; and the search alone on the same patch features (extracted once on the device):
+   ``test`` of 60 of the test images on the CPU and on the device, each metric's difference held
+   to its bound from the run's own data (tests/agreement.py: the model's float32 outputs on each
+   side, at the CLI's batch size there, with each side's patch features measured against a float64
+   forward; the pairs and the FPR window that rounding can reorder): the script exits 1 where a
+   difference passes its bound; and the search alone on the same patch features (extracted once on the device):
    the device's search (the torch search on a GPU with faiss-cpu) against faiss on the CPU, the
    largest relative difference of the nearest distances and the seconds per image of each.
 
@@ -57,6 +60,8 @@ from patchcore_lightning.data.mvtec import MVTecDataset, list_samples  # noqa: E
 from patchcore_lightning.memory_bank import MemoryBank  # noqa: E402
 from patchcore_lightning.model import Backbones, PatchCore  # noqa: E402
 from patchcore_lightning.reporting import read_results  # noqa: E402
+from tests.agreement import agreement_bounds, category_tensors, device_run, metrics_of  # noqa: E402
+from tests.bounds import U  # noqa: E402
 
 SIZES = {224: (256, 0.1), 320: (366, 0.01)}  # imagesize: (resize, coreset percentage)
 
@@ -249,6 +254,23 @@ def search_alone(model_path: str, root: Path, weights: Path, device: torch.devic
     return out
 
 
+def device_agreement(model_path: str, root: Path, weights: Path, device: torch.device) -> dict:
+    """The model's float32 raw outputs of ``root``'s test images on the CPU and on ``device``, each at
+    the CLI's batch size there (so the kernels of ``test``), each side's features measured against a
+    float64 forward on ``device``; the five metrics of each and the most each may differ
+    (tests/agreement.py)."""
+    model = PatchCore.from_folder(model_path, 224, Backbones(str(weights)))
+    images, labels, masks = category_tensors(root, "weave", SIZES[224][0], 224)
+    runs = {}
+    for name, where in (("cpu", torch.device("cpu")), ("device", device)):
+        batch_size, _ = loader_settings(None, None, "cpu" if where.type == "cpu" else "gpu")
+        runs[name] = device_run(model, images, where, batch_size, exact_device=device)
+    bounds = agreement_bounds(runs["cpu"], runs["device"], model.cpu(), labels, masks)
+    metrics = {name: metrics_of(run, labels, masks) for name, run in runs.items()}
+    return {"feature_rounding_u": {name: run.rounding / U for name, run in runs.items()}, "metrics": metrics,
+            "difference": {k: abs(metrics["device"][k] - metrics["cpu"][k]) for k in bounds}, "bound": bounds}
+
+
 # --------------------------------------------------------------------------- main
 def _mib(value: float | None) -> str:
     return "n/a (no GPU)" if value is None else f"{value:.0f} MiB"
@@ -316,18 +338,31 @@ def main() -> None:
         n_eq = n_eq_good + n_eq_defect
         tables = {name: test(eq_root, ["weave"], 224, weights, accel, fitted["model"], n_eq, False)["metrics"]
                   for name, accel in (("cpu", "cpu"), ("device", accelerator))}
+        agreement = device_agreement(fitted["model"], eq_root, weights, device)
         search = search_alone(fitted["model"], eq_root, weights, device, 32)
-    out["equivalence"] = {"max_metric_difference": max(abs(tables["device"][k] - tables["cpu"][k]) for k in tables["cpu"]),
-                          "search": search, "bank": fitted["bank"]}
+    # the CLI's results.csv on each side, and the same computation in this process (whose features'
+    # rounding is measured): both within the bound
+    agreement["cli_difference"] = {k: abs(tables["device"][k] - tables["cpu"][k]) for k in tables["cpu"]}
+    agreement["within_bound"] = all(
+        max(agreement["difference"][k], agreement["cli_difference"][k]) <= bound for k, bound in agreement["bound"].items()
+    )
+    out["equivalence"] = {**agreement, "search": search, "bank": fitted["bank"]}
     out["total_s"] = time.perf_counter() - start
-    print(f"device vs CPU at 224² (TF32 off, {n_eq_train} training images, {n_eq} test images): largest metric "
-          f"difference {out['equivalence']['max_metric_difference']:.2g}; search alone on the same features: "
+    rounding = agreement["feature_rounding_u"]
+    print(f"device vs CPU at 224² (TF32 off, {n_eq_train} training images, {n_eq} test images): features within "
+          f"{rounding['cpu']:.3g} u (CPU) and {rounding['device']:.3g} u (device) of float64", flush=True)
+    for k, bound in agreement["bound"].items():
+        print(f"  {k}: |device - cpu| {agreement['difference'][k]:.2g} (CLI {agreement['cli_difference'][k]:.2g}), "
+              f"bound {bound:.2g}", flush=True)
+    print(f"  every difference within its bound: {agreement['within_bound']}; search alone on the same features: "
           f"nearest distances {search['max_relative_difference']:.2g} relative, {search['device search']} "
           f"{1000 * search['device s/image']:.1f} ms/image, faiss on the CPU "
           f"{1000 * search['faiss on the CPU s/image']:.1f} ms/image; whole benchmark {out['total_s']:.0f} s",
           flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=1))
+    if not agreement["within_bound"]:
+        raise SystemExit("a metric of the device differs from the CPU's by more than its bound")
 
 
 if __name__ == "__main__":
