@@ -6,11 +6,16 @@ two-member ensemble (k = 3, the search chunked). Each is tested, exported (with 
 ONNX Runtime in a process where ``import torch`` fails, and with OpenVINO's CPU plugin at f32 on
 the ONNX file and on the IR.
 
-Tolerances (the issue's contract, and why they hold): the graph computes the features with the
-sums of the patch pooling in another order and the distances with another summation order than
-faiss's BLAS, so scores move by float32 rounding amplified by the cancellation in
-``|x|² + |y|² - 2 x·y`` (observed: ≤ 3e-5 relative); the contract is 1e-4 relative for scores and
-1e-4 of the maps' range over the test set (the span test normalises them by) for the segmentation.
+Tolerances. Between two runs of a graph (chunked or not, another batch size) and of the search
+graph against float64, the bounds of tests/bounds.py, computed from the outputs. Between the runtime
+and ``predict``, the export's contract: 1e-4 relative for scores and 1e-4 of the maps' range over
+the test set (the span ``test`` normalises them by) for the segmentation, and test's instance AUROC
+from the runtime's scores. That is a float32 rounding argument, not a derived bound: the runtime's
+backbone rounds its sums otherwise (features a few u to a few tens of u from float64, as
+tests/test_agreement.py measures for other kernels: ~1e-6 of a score) and its search keeps the
+formula ``|x|² + |y|² - 2 x·y``, whose cancellation makes up most of the difference (observed
+≤ 3e-5 relative); the a priori bounds of both (bounds.FEATURE_ROUNDING, bounds.formula_bound) are
+~1e-2 of a score, too loose to hold the contract to.
 """
 
 from __future__ import annotations
@@ -33,12 +38,13 @@ from patchcore_lightning.cli import PatchCoreCLI, main
 from patchcore_lightning.data.synthetic import make_synthetic_mvtec
 from patchcore_lightning.metrics import image_auroc
 
+from .bounds import U, chain_bound, embed_bound, formula_bound, score_shift_bound
 from .conftest import FIXTURE
 
 ROOT = Path(__file__).resolve().parents[1]
 DEPLOY = ROOT / "deploy" / "patchcore_onnx.py"
-SCORE_RTOL = 1e-4  # the issue's bound (observed ≤ 3e-5: float32 rounding, see the module docstring)
-MAP_RTOL = 1e-4  # of the map's range, the issue's bound
+SCORE_RTOL = 1e-4  # the export's contract (observed ≤ 3e-5: float32 rounding, see the module docstring)
+MAP_RTOL = 1e-4  # of the map's range, the export's contract
 
 
 def _heatmap_name(path: str) -> str:
@@ -234,8 +240,34 @@ def test_ensemble_chunked_search_equals_one_block(ensemble_case, tmp_path):
     assert sum(n.op_type == "Loop" for n in graph.node) == 2 and all(r > 3 for r in rows)
     chunked = deploy.Runtime(tmp_path / "chunked", "onnxruntime", "onnx")
     images = np.random.default_rng(0).integers(0, 256, (3, *meta["input"]["shape"][1:]), dtype=np.uint8)
-    for a, b in zip(one(images), chunked(images)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)  # the same arithmetic; only the chunks differ
+    # the same graph but for the search's chunks: only the formula's sums may round otherwise
+    outputs = one(images)
+    for a, b, bound in zip(outputs, chunked(images), _graph_search_bounds(model, outputs, features_shift=False)):
+        assert bool((np.abs(a - b) <= bound).all())
+
+
+def _graph_search_bounds(model, outputs, features_shift: bool) -> list[np.ndarray]:
+    """How far two runs of an exported graph may be apart, per output (score (B,), member_scores
+    (B, M), segmentation (B, H, W)), from ``outputs`` of one run: each member's distances are the
+    formula's, |x|² + |y|² - 2 x·y in float32 (bounds.formula_bound, two sides), with |x| <= |y| +
+    sqrt(d) <= the bank's largest norm + sqrt(the member's score); with ``features_shift`` the
+    features come from other kernels too (bounds.score_shift_bound, at FEATURE_ROUNDING). The
+    ensemble mean rounds M more times; the maps move no further than their patches (bilinear and
+    blur average) plus the rounding of the resize, the mean and the 33-tap blur twice."""
+    score, member_scores, segmentation = (np.asarray(o, dtype=np.float64) for o in outputs)
+    shifts = []
+    for m, (p, bank) in enumerate(zip(model.params, model.banks)):
+        s = torch.as_tensor(member_scores[:, m])  # (B,)
+        y_norm = float(bank.vectors.double().norm(dim=1).max())
+        shift = 2 * formula_bound(y_norm + s.sqrt(), torch.tensor(y_norm), p.target_embed_dimension)
+        if features_shift:
+            shift = shift + score_shift_bound(s, y_norm)
+        shifts.append(shift.numpy())  # (B,)
+    shifts = np.stack(shifts, axis=1)  # (B, M)
+    M = shifts.shape[1]
+    score_bound = shifts.mean(axis=1) + 2 * M * U * score  # (B,)
+    map_bound = shifts.max(axis=1)[:, None, None] + chain_bound(2 * (33 + 1) + 6 + M, segmentation.max())
+    return [score_bound, shifts, map_bound]
 
 
 def _ensemble_weights(case: Case) -> dict:
@@ -252,10 +284,15 @@ def test_batch_is_dynamic(fixture_case):
     images = rng.integers(0, 256, (8, 224, 224, 3), dtype=np.uint8)
     eight = runtime(images)
     assert [o.shape for o in eight] == [(8,), (8, 1), (8, 224, 224)]
+    # another batch size may run other convolution and GEMM kernels: the features and the formula round otherwise
+    from patchcore_lightning.model import PatchCore
+
+    model = PatchCore.from_folder(fixture_case.meta["source"], backbone_weights="random", allow_other_weights=True)
+    bounds = _graph_search_bounds(model, eight, features_shift=True)
     for i in (0, 5):
         one = runtime(images[i : i + 1])
-        for a, b in zip(one, eight):
-            np.testing.assert_allclose(a[0], b[i], rtol=1e-5)  # another batch size may pick other GEMM blocking
+        for a, b, bound in zip(one, eight, bounds):
+            assert bool((np.abs(a[0] - b[i]) <= bound[i]).all())
 
 
 def test_metadata_states_the_contract(fixture_case, resnet18_weights):
@@ -271,7 +308,7 @@ def test_metadata_states_the_contract(fixture_case, resnet18_weights):
     assert (member["backbone"], member["layers"], member["k"]) == ("resnet18", ["layer2", "layer3"], 1)
     assert member["weights_sha256"] == file_sha256(resnet18_weights)
     thresholds = read_csv(fixture_case.out / "test" / "thresholds.csv")[0]
-    assert meta["thresholds"]["image_threshold"] == pytest.approx(float(thresholds["image_threshold"]), rel=1e-15)
+    assert meta["thresholds"]["image_threshold"] == float(thresholds["image_threshold"])  # repr in both: exact
     assert meta["openvino_compile_config"] == {"INFERENCE_PRECISION_HINT": "f32"}
     assert {"openvino_xml", "openvino_bin", "onnx"} <= set(meta["files"])
 
@@ -376,8 +413,12 @@ def test_search_graph_is_exact(k):
         assert sum(n.op_type == "Loop" for n in graph.node) == loops
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         (got,) = session.run(None, {"q": queries})
-        # float32 distances of O(10) by |x|² + |y|² - 2 x·y: a few ulp of |x|² + |y|²
-        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+        # |x|² + |y|² - 2 x·y in float32 (bounds.formula_bound in the norms; the k smallest of values
+        # each within it are within it of the exact k smallest), then the float32 mean: (k + 1) u
+        x_norm = torch.as_tensor(np.linalg.norm(queries.astype(np.float64), axis=1))
+        y_norm = torch.tensor(float(np.linalg.norm(bank.astype(np.float64), axis=1).max()))
+        bound = formula_bound(x_norm, y_norm, 8).numpy() + (k + 1) * U * expected
+        assert bool((np.abs(got - expected) <= bound).all())
 
 
 @pytest.mark.parametrize(("channels", "patchsize", "size"), [(16, 3, 32), (16, 3, 16), (10, 3, 7), (12, 1, 5), (8, 3, 100)])
@@ -393,7 +434,9 @@ def test_pooling_convolution_equals_embed(channels, patchsize, size):
     got = F.conv2d(x, weight, padding=(patchsize - 1) // 2, groups=groups)  # (B, size, h, w)
     expected, (h, w) = embed([x], patchsize, 1, size, size)  # (B*h*w, size)
     got = got.permute(0, 2, 3, 1).reshape(-1, size)
-    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)  # the same sums in another order
+    # the same averages summed in another order, the convolution's weights 1/n rounded once: at most
+    # n + 1 roundings on a path of its n-term sums, within bounds.embed_bound's count for embed
+    assert bool(((got - expected).abs() <= embed_bound([x], patchsize, size, size)).all())
 
 
 def test_the_runtime_names_heatmaps_as_predict_does():
