@@ -22,11 +22,13 @@ Two parts, joined into one file:
   resized (bilinear) to the first layer's: pooling and resizing commute in exact arithmetic, and
   the resize then touches ``pretrain_dim`` maps instead of C*p*p. The features differ from
   ``embed``'s by float32 rounding (sums in another order).
-- Search and maps (written here as ONNX nodes): exact squared L2 distances
-  ``|x|² + |y|² - 2 x·y`` (faiss's formula, clamped at 0) to the bank in chunks of rows, with a
-  running minimum (k = 1) or a running top-k inside an ONNX ``Loop``: one (B*N, chunk) block is
-  alive at a time, so memory grows with the batch and not with the bank; at batch 1 no block
-  passes ``block_bytes``. Then the mean of the k distances per patch, the image score (the
+- Search and maps (written here as ONNX nodes), as ``MemoryBank.search``: the k + RERANK_EXTRA
+  candidates nearest by ``|x|² + |y|² - 2 x·y`` (faiss's formula) to the bank in chunks of rows,
+  a running top-k of (distance, row) inside an ONNX ``Loop``: one (B*N, chunk) block is alive at
+  a time, so memory grows with the batch and not with the bank; at batch 1 no block passes
+  ``block_bytes``. Then the candidates' distances as ``Σ (x - y)²`` (their rows gathered:
+  (B*N, k + 4, D) floats, 16 MiB per 224² WideResNet50 image at k = 1), which is free of the
+  formula's cancellation, the mean of the k smallest per patch, the image score (the
   largest patch score), and the map: each member's patch scores resized bilinearly to H×W, their
   mean, and scipy's σ=4 Gaussian with 'reflect' borders (two 1-D convolutions over gathered,
   reflected indices), as ``anomaly_map.segmentation_maps``.
@@ -55,6 +57,7 @@ from torch import nn
 from .anomaly_map import gaussian_kernel1d
 from .data.images import IMAGENET_MEAN, IMAGENET_STD
 from .embedding import patch_grid
+from .memory_bank import RERANK_EXTRA
 from .model import PatchCore
 
 __all__ = [
@@ -260,64 +263,81 @@ def _chunk_rows(n_queries: int, dim: int, rows: int, k: int, block_bytes: int) -
 def _search_nodes(
     b: _Builder, queries: str, bank: np.ndarray, k: int, n_queries: int, block_bytes: int
 ) -> str:
-    """Nodes of the exact k-NN search of ``queries`` (Q, D) against ``bank`` (R, D): the mean of the k
-    smallest squared L2 distances per query, (Q,). Q = B*N is dynamic; chunks are sized for B = 1."""
+    """Nodes of the k-NN search of ``queries`` (Q, D) against ``bank`` (R, D): the mean of the k
+    smallest squared L2 distances per query, (Q,). Q = B*N is dynamic; chunks are sized for B = 1.
+
+    As ``MemoryBank.search``: the k + RERANK_EXTRA candidates nearest by ``|x|² + |y|² - 2 x·y`` (a
+    float32 GEMM per chunk of bank rows, whose rounding grows with the norms and depends on the
+    kernel), then their distances computed as ``Σ (x - y)²`` in float32 (no cancellation: within
+    (D + 2) u of the exact ones whatever the order of the sum), the k smallest of those averaged."""
     from onnx import TensorProto, helper
 
     R, D = bank.shape
-    chunk = _chunk_rows(n_queries, D, R, k, block_bytes)
+    c = min(k + RERANK_EXTRA, R)  # candidates
+    chunk = _chunk_rows(n_queries, D, R, c, block_bytes)
     y = b.const(np.ascontiguousarray(bank, dtype=np.float32), "bank")  # (R, D)
     y_sq = b.const((bank.astype(np.float64) ** 2).sum(axis=1).astype(np.float32), "bank_sq")  # (R,)
     x_sq = b.node("ReduceSumSquare", [queries], "x_sq", axes=[1], keepdims=1)  # (Q, 1)
+    c_const = b.const(np.array([c], dtype=np.int64))
 
-    def block(sub: _Builder, rows: str, rows_sq: str, best: str | None) -> str:
-        # (|y|² - 2 x·y) + |x|²: the (Q, chunk) block, then its k smallest merged into ``best``
+    def block(sub: _Builder, rows: str, rows_sq: str, start: str | None, best: tuple[str, str] | None) -> tuple[str, str]:
+        # (|y|² - 2 x·y) + |x|²: the (Q, chunk) block; its c nearest (global row indices) merged into ``best``
         d = sub.node("Gemm", [queries, rows, rows_sq], "xy", alpha=-2.0, beta=1.0, transB=1)  # (Q, chunk)
         d = sub.node("Add", [d, x_sq], "d")  # (Q, chunk)
-        if k == 1:
-            near = sub.node("ReduceMin", [d], "near", axes=[1], keepdims=1)  # (Q, 1)
-            return near if best is None else sub.node("Min", [best, near], "best")
         width = sub.node("Slice", [sub.node("Shape", [d]), sub.const(np.array([1])), sub.const(np.array([2]))])
-        kk = sub.node("Min", [width, sub.const(np.array([k], dtype=np.int64))], "kk")  # (1,) a chunk may hold fewer than k
-        near = sub.node("TopK", [d, kk], "near", n_out=2, axis=1, largest=0, sorted=1)[0]  # (Q, kk)
+        cc = sub.node("Min", [width, sub.const(np.array([c], dtype=np.int64))], "cc")  # (1,) a chunk may hold fewer than c
+        near, rows_at = sub.node("TopK", [d, cc], "near", n_out=2, axis=1, largest=0, sorted=1)  # (Q, cc) each
+        if start is not None:
+            rows_at = sub.node("Add", [rows_at, start], "rows_at")  # chunk rows -> bank rows
         if best is None:
-            return near
-        both = sub.node("Concat", [best, near], "both", axis=1)  # (Q, k + kk)
-        return sub.node("TopK", [both, sub.const(np.array([k], dtype=np.int64))], "best", n_out=2, axis=1,
-                        largest=0, sorted=1)[0]  # (Q, k)
+            return near, rows_at
+        both = sub.node("Concat", [best[0], near], "both", axis=1)  # (Q, c + cc)
+        both_at = sub.node("Concat", [best[1], rows_at], "both_at", axis=1)
+        kept, where = sub.node("TopK", [both, c_const], "best", n_out=2, axis=1, largest=0, sorted=1)  # (Q, c)
+        return kept, sub.node("GatherElements", [both_at, where], "best_at", axis=1)
 
     if chunk >= R:
-        best = block(b, y, y_sq, None)
+        _, candidates = block(b, y, y_sq, None, None)
     else:
-        # A Loop over ceil(R / chunk) chunks; the state is the k smallest distances so far, (Q, k).
+        # A Loop over ceil(R / chunk) chunks; the state is the c nearest by the formula so far and
+        # their bank rows, (Q, c) each.
         n_chunks = -(-R // chunk)
         q_rows = b.node("Slice", [b.node("Shape", [queries]), b.const(np.array([0])), b.const(np.array([1]))])
-        init = b.node("ConstantOfShape", [b.node("Concat", [q_rows, b.const(np.array([k], dtype=np.int64))], axis=0)],
-                      "inf", value=helper.make_tensor("v", TensorProto.FLOAT, [1], [np.inf]))  # (Q, k)
+        shape = b.node("Concat", [q_rows, c_const], axis=0)
+        init = b.node("ConstantOfShape", [shape], "inf", value=helper.make_tensor("v", TensorProto.FLOAT, [1], [np.inf]))
+        init_at = b.node("ConstantOfShape", [shape], "zero", value=helper.make_tensor("v", TensorProto.INT64, [1], [0]))
         body = helper.make_graph([], "bank_chunks", [], [])
         sub = _Builder(body, b.prefix + "loop_")
-        it, cond, state = sub.name("i"), sub.name("cond"), sub.name("best_in")
+        it, cond, state, state_at = sub.name("i"), sub.name("cond"), sub.name("best_in"), sub.name("best_at_in")
         start = sub.node("Mul", [sub.node("Unsqueeze", [it, sub.const(np.array([0]))]),
                                  sub.const(np.array([chunk], dtype=np.int64))], "start")  # (1,)
         end = sub.node("Add", [start, sub.const(np.array([chunk], dtype=np.int64))], "end")
         axis0 = sub.const(np.array([0]))
         rows = sub.node("Slice", [y, start, end, axis0], "rows")  # (chunk, D); the last one may be shorter
         rows_sq = sub.node("Slice", [y_sq, start, end, axis0], "rows_sq")  # (chunk,)
-        best_out = block(sub, rows, rows_sq, state)
+        best_out, best_at_out = block(sub, rows, rows_sq, start, (state, state_at))
         cond_out = sub.node("Identity", [cond], "cond_out")
         body.input.extend([
             helper.make_tensor_value_info(it, TensorProto.INT64, []),
             helper.make_tensor_value_info(cond, TensorProto.BOOL, []),
-            helper.make_tensor_value_info(state, TensorProto.FLOAT, ["Q", k]),
+            helper.make_tensor_value_info(state, TensorProto.FLOAT, ["Q", c]),
+            helper.make_tensor_value_info(state_at, TensorProto.INT64, ["Q", c]),
         ])
         body.output.extend([
             helper.make_tensor_value_info(cond_out, TensorProto.BOOL, []),
-            helper.make_tensor_value_info(best_out, TensorProto.FLOAT, ["Q", k]),
+            helper.make_tensor_value_info(best_out, TensorProto.FLOAT, ["Q", c]),
+            helper.make_tensor_value_info(best_at_out, TensorProto.INT64, ["Q", c]),
         ])
-        best = b.node("Loop", [b.const(np.array(n_chunks, dtype=np.int64)), b.const(np.array(True)), init],
-                      "best", body=body)
-    best = b.node("Max", [best, b.const(np.array(0.0, dtype=np.float32))], "clamped")  # faiss clamps at 0
-    return b.node("ReduceMean", [best], "patch_scores", axes=[1], keepdims=0)  # (Q,)
+        _, candidates = b.node("Loop", [b.const(np.array(n_chunks, dtype=np.int64)), b.const(np.array(True)), init,
+                                        init_at], "best", n_out=2, body=body)
+    # the candidates' distances as Σ (x - y)², (Q, c); the k smallest, averaged
+    rows = b.node("Gather", [y, candidates], "candidate_rows", axis=0)  # (Q, c, D)
+    diff = b.node("Sub", [rows, b.node("Unsqueeze", [queries, b.const(np.array([1]))])], "diff")  # (Q, c, D)
+    exact = b.node("ReduceSumSquare", [diff], "exact", axes=[2], keepdims=0)  # (Q, c)
+    if c > k:
+        exact = b.node("TopK", [exact, b.const(np.array([k], dtype=np.int64))], "nearest", n_out=2, axis=1,
+                       largest=0, sorted=1)[0]  # (Q, k)
+    return b.node("ReduceMean", [exact], "patch_scores", axes=[1], keepdims=0)  # (Q,)
 
 
 def _reflect_index(n: int, radius: int) -> np.ndarray:
