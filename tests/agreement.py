@@ -3,13 +3,14 @@ apart in their metrics, bounded from the run's own data.
 
 No figure fixed in advance bounds that: an AUROC reorders any (anomalous, normal) pair whose scores
 tie within the rounding, and how many pairs do depends on the data. So each side measures how far
-its float32 patch features lie from a float64 forward of the same network on the same images (the
-exact features, to ~1e-16), and ``bounds.metric_shift_bounds`` turns the larger of the two relative
-errors into the most each metric can move: the scores and maps move by at most
-``score_shift_bound`` (the search computes its distances exactly, so the features are the only
-source), the min-max normalisation and the ensemble mean carry that over, and the metrics move by
-the fraction of pairs (AUROC) and the FPR window (AUPRO) that such a move can reorder. Used by
-tests/test_agreement.py (two CPU kernel settings) and benchmarks/bench_gpu.py (a GPU and the CPU).
+each of its float32 patch features lies from a float64 forward of the same network on the same
+images (the exact features, to ~1e-16); the searches compute their distances exactly, so the
+features are the only source: each patch score moves by what its feature's shift allows
+(``patch_shifts``), each image's score and map by its largest patch's, and the metrics by the
+fraction of pairs (AUROC) and the FPR window (AUPRO) that such moves can reorder
+(``agreement_bounds``). It assumes, as ``MemoryBank.search`` states, that the k nearest rows are
+among the k + 4 candidates the float32 formula picks. Used by tests/test_agreement.py (two CPU
+kernel settings) and benchmarks/bench_gpu.py (a GPU and the CPU).
 """
 
 from __future__ import annotations
@@ -25,30 +26,34 @@ from patchcore_lightning.embedding import embed
 from patchcore_lightning.metrics import METRIC_NAMES, evaluate
 from patchcore_lightning.model import PatchCore
 
-from .bounds import metric_shift_bounds
+from .bounds import U, aupro_bound, auroc_shift_bound, chain_bound, metric_bounds, pro_shift_bound, trapezoid_bound
 
 
 @dataclass
 class DeviceRun:
-    """One evaluation's raw outputs, on the CPU in float64, and the float32 features' rounding.
+    """One evaluation's raw outputs, on the CPU in float64, and its float32 features' rounding.
 
     Attributes:
         scores: (N, M) the members' raw image scores.
         maps: (N, M, H, W) the members' raw segmentations.
-        rounding: the largest |f - f_exact| / |f_exact| over every patch feature f of every member.
+        patches: (N, M, P) the members' patch scores (P = h*w).
+        errors: (N, M, P) each patch feature's distance |f - f_exact| to the float64 forward's.
+        rounding: the largest relative error |f - f_exact| / |f_exact| of any patch feature.
     """
 
     scores: np.ndarray
     maps: np.ndarray
+    patches: np.ndarray
+    errors: np.ndarray
     rounding: float
 
     def save(self, path) -> None:
-        np.savez(path, scores=self.scores, maps=self.maps, rounding=self.rounding)
+        np.savez(path, **{k: getattr(self, k) for k in ("scores", "maps", "patches", "errors", "rounding")})
 
     @classmethod
     def load(cls, path) -> DeviceRun:
         data = np.load(path)
-        return cls(data["scores"], data["maps"], float(data["rounding"]))
+        return cls(data["scores"], data["maps"], data["patches"], data["errors"], float(data["rounding"]))
 
 
 def category_tensors(root, category: str, resize: int, imagesize: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
@@ -62,11 +67,16 @@ def category_tensors(root, category: str, resize: int, imagesize: int) -> tuple[
     return images, labels, masks
 
 
-def exact_patch_features(model: PatchCore, images: torch.Tensor, member: int, device: torch.device) -> torch.Tensor:
-    """The member's patch features (B*h*w, D) of ``images`` by the same network in float64 on ``device``."""
+def exact_extractor(model: PatchCore, member: int, device: torch.device) -> torch.nn.Module:
+    """The member's backbone in float64 on ``device`` (eval(): torch.fx rebuilds a copied GraphModule
+    in train mode, see PatchCore.__deepcopy__)."""
+    return copy.deepcopy(model.extractors[member]).eval().to(device, torch.float64)
+
+
+def exact_patch_features(model: PatchCore, extractor: torch.nn.Module, images: torch.Tensor, member: int) -> torch.Tensor:
+    """The member's patch features (B*h*w, D) of ``images`` through ``exact_extractor``'s float64 network."""
     p = model.params[member]
-    # eval(): torch.fx rebuilds a copied GraphModule in train mode (PatchCore.__deepcopy__)
-    extractor = copy.deepcopy(model.extractors[member]).eval().to(device, torch.float64)
+    device = next(extractor.parameters()).device
     layer_maps = extractor(images.to(device, torch.float64))  # {layer: (B, C, h_l, w_l)} float64
     layers = [layer_maps[layer] for layer in p.layers]
     return embed(layers, p.patchsize, p.patchstride, p.pretrain_embed_dimension, p.target_embed_dimension)[0]
@@ -82,19 +92,28 @@ def device_run(
     device = torch.device(device)
     exact_device = device if exact_device is None else torch.device(exact_device)
     model = model.to(device).eval()
-    scores, maps, rounding = [], [], 0.0
+    extractors = [exact_extractor(model, m, exact_device) for m in range(len(model))]
+    parts: dict[str, list[torch.Tensor]] = {"scores": [], "maps": [], "patches": [], "errors": []}
+    rounding = 0.0
     with torch.no_grad():
         for batch in images.split(batch_size):
-            outputs = []
-            for m in range(len(model)):
+            scores, maps, patches, errors = [], [], [], []
+            for m, p in enumerate(model.params):
                 feats, grid = model.patch_features(batch.to(device), m)  # (B*h*w, D) float32
-                exact = exact_patch_features(model, batch, m, exact_device).to(device)  # (B*h*w, D) float64
-                error = (feats.double() - exact).norm(dim=1) / exact.norm(dim=1).clamp_min(1e-300)
-                rounding = max(rounding, float(error.max()))
-                outputs.append(model.score_features(feats, grid, m, batch.shape[-2:]))
-            scores.append(torch.stack([s for s, _ in outputs], dim=1).double().cpu())  # (B, M)
-            maps.append(torch.stack([mp for _, mp in outputs], dim=1).double().cpu())  # (B, M, H, W)
-    return DeviceRun(torch.cat(scores).numpy(), torch.cat(maps).numpy(), rounding)
+                exact = exact_patch_features(model, extractors[m], batch, m).to(device)  # (B*h*w, D) float64
+                error = (feats.double() - exact).norm(dim=1)  # (B*h*w,)
+                rounding = max(rounding, float((error / exact.norm(dim=1).clamp_min(1e-300)).max()))
+                score, segmentation = model.score_features(feats, grid, m, batch.shape[-2:])  # (B,), (B, H, W)
+                patch = model.banks[m].patch_scores(feats, p.anomaly_scorer_num_nn).view(len(batch), -1)  # (B, h*w)
+                if not torch.equal(patch.amax(dim=1), score):  # the search again: the same exact distances
+                    raise RuntimeError("the search gave other patch scores for the same features")
+                scores.append(score)
+                maps.append(segmentation)
+                patches.append(patch)
+                errors.append(error.view(len(batch), -1))
+            for name, values in zip(parts, (scores, maps, patches, errors)):
+                parts[name].append(torch.stack(values, dim=1).double().cpu())  # (B, M, ...)
+    return DeviceRun(*(torch.cat(parts[name]).numpy() for name in parts), rounding)
 
 
 def metrics_of(run: DeviceRun, labels: np.ndarray, masks: np.ndarray) -> dict[str, float]:
@@ -106,15 +125,67 @@ def metrics_of(run: DeviceRun, labels: np.ndarray, masks: np.ndarray) -> dict[st
     return {name: getattr(result, name) for name in METRIC_NAMES}
 
 
+def patch_shifts(a: DeviceRun, b: DeviceRun, model: PatchCore) -> np.ndarray:
+    """How far each patch score of ``a`` and ``b`` can be apart, (N, M, P).
+
+    Each side's feature lies within its measured error of the float64 feature, so the two within
+    e = e_a + e_b of each other. The distance to the r-th nearest bank row is 1-Lipschitz in the
+    feature, so each of the k nearest distances r moves by at most e and its square by e (2 r + e),
+    with r <= sqrt(k s) for the mean s of the k squares (the patch score). Both searches compute
+    the distances exactly and round each once, then average them in float32: (k + 2) u of the
+    score per side."""
+    e = a.errors + b.errors  # (N, M, P)
+    k = np.array([p.anomaly_scorer_num_nn for p in model.params], dtype=np.float64)[None, :, None]  # (1, M, 1)
+    move = e * (2 * np.sqrt(k * a.patches) + e)
+    return move + 2 * (k + 2) * U * (a.patches + move)
+
+
 def agreement_bounds(
     a: DeviceRun, b: DeviceRun, model: PatchCore, labels: np.ndarray, masks: np.ndarray
 ) -> dict[str, float]:
-    """The most each of the five metrics of ``a`` and ``b`` can differ: ``bounds.metric_shift_bounds``
-    from ``a``'s raw outputs, at the larger of the two runs' measured feature roundings. ``masks``
-    (N, H, W) uint8, 255 anomalous; ``labels`` (N,)."""
-    members = [(a.scores[:, m], a.maps[:, m]) for m in range(a.scores.shape[1])]
-    bank_norms = [float(bank.vectors.double().norm(dim=1).max()) for bank in model.banks]
+    """The most each of the five metrics of ``a`` and ``b`` can differ, from ``a``'s raw outputs and
+    both runs' measured feature errors. ``masks`` (N, H, W) uint8, 255 anomalous; ``labels`` (N,).
+
+    An image's score moves by at most its largest patch shift (``patch_shifts``), each pixel of its
+    map as far (the bilinear upsampling and the blur average patch scores) plus both runs' rounding
+    of the upsampling and the 33-tap blur. One member: the metrics rank the raw values (the min-max
+    normalisation is one increasing map, it changes no order but where its rounding makes or breaks
+    a tie, which widens each shift by 4 u of the span), so the AUROCs move by the pairs
+    closer than their two images' shifts (``bounds.auroc_shift_bound``) and the AUPROs by the FPR
+    window of the largest shift (``bounds.pro_shift_bound``). Several members: the normalisation
+    turns each member's largest shift delta into 4 delta / (span - 2 delta) and the mean averages
+    them (``bounds.metric_bounds``)."""
     masks = np.asarray(masks)
+    truth, labels = masks == 255, np.asarray(labels).astype(bool)
     subset = masks.reshape(len(masks), -1).max(axis=1) > 0  # the images of the anomaly-only metrics, as evaluate's
-    return metric_shift_bounds(members, bank_norms, masks == 255, np.asarray(labels), subset,
-                               rounding=max(a.rounding, b.rounding))
+    image_shift = patch_shifts(a, b, model).max(axis=2)  # (N, M)
+    blur = chain_bound(2 * (33 + 1) + 6, a.maps.reshape(*a.maps.shape[:2], -1).max(axis=2))  # (N, M)
+    map_shift = image_shift + blur  # (N, M)
+    if a.scores.shape[1] == 1:
+        # the normalisation's float32 rounding (a subtraction and a division of values <= 1: 2 u on
+        # each side) can make or break a tie: 4 u of the span, in raw units
+        image_shift = image_shift + 4 * U * (a.scores.max() - a.scores.min())
+        map_shift = map_shift + 4 * U * (a.maps.max() - a.maps.min())
+    if a.scores.shape[1] > 1:
+        score_delta = map_delta = 0.0
+        norm_scores, norm_maps = [], []
+        for m in range(a.scores.shape[1]):
+            scores, maps = a.scores[:, m], a.maps[:, m]
+            span, map_span = scores.max() - scores.min(), maps.max() - maps.min()
+            score_delta += 4 * image_shift[:, m].max() / (span - 2 * image_shift[:, m].max()) / a.scores.shape[1]
+            map_delta += 4 * map_shift[:, m].max() / (map_span - 2 * map_shift[:, m].max()) / a.scores.shape[1]
+            norm_scores.append((scores - scores.min()) / span)
+            norm_maps.append((maps - maps.min()) / map_span)
+        return metric_bounds(np.mean(norm_scores, axis=0), np.mean(norm_maps, axis=0), truth, labels,
+                             score_delta, map_delta, subset)
+    scores, maps = a.scores[:, 0], a.maps[:, 0]  # (N,), (N, H, W)
+    pixel_shift = np.broadcast_to(map_shift[:, 0, None, None], maps.shape)  # (N, H, W): each image's
+    largest = float(map_shift[:, 0].max())
+    return {
+        "instance_auroc": auroc_shift_bound(scores, labels, image_shift[:, 0]) + trapezoid_bound(len(scores) + 1),
+        "full_pixel_auroc": auroc_shift_bound(maps, truth, pixel_shift) + trapezoid_bound(maps.size + 1),
+        "full_pro": pro_shift_bound(maps, ~truth, largest) + aupro_bound(maps.size, 0.3),
+        "anomaly_pixel_auroc": auroc_shift_bound(maps[subset], truth[subset], pixel_shift[subset])
+        + trapezoid_bound(maps.size + 1),
+        "anomaly_pro": pro_shift_bound(maps[subset], ~truth[subset], largest) + aupro_bound(maps.size, 0.3),
+    }

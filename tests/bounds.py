@@ -50,16 +50,22 @@ def feature_shift_bound(distance: torch.Tensor, x_norm: torch.Tensor) -> torch.T
 def auroc_shift_bound(scores: np.ndarray, labels: np.ndarray, delta: np.ndarray | float) -> float:
     """The most the AUROC of ``scores`` can change when each score moves by at most ``delta`` (scalar,
     or one per score): only the (positive, negative) pairs closer than delta_p + delta_n can change
-    order, each by at most one pair in the count. Returns their fraction of all pairs."""
-    scores = np.asarray(scores, dtype=np.float64).ravel()
-    labels = np.asarray(labels).ravel().astype(bool)
-    width = float(np.max(delta)) * 2  # delta_p + delta_n <= 2 max(delta)
-    pos, neg = np.sort(scores[labels]), np.sort(scores[~labels])
-    if len(pos) == 0 or len(neg) == 0:
+    order, each by at most one pair in the count. Returns their fraction of all pairs. The scores
+    are grouped by their delta for the count (one group per image where the deltas are per image)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    delta = np.broadcast_to(np.asarray(delta, dtype=np.float64), scores.shape).ravel()
+    scores, labels = scores.ravel(), np.asarray(labels).ravel().astype(bool)
+    n_pos, n_neg = int(labels.sum()), int((~labels).sum())
+    if n_pos == 0 or n_neg == 0:
         return 0.0
-    lo = np.searchsorted(neg, pos - width, side="left")
-    hi = np.searchsorted(neg, pos + width, side="right")
-    return float((hi - lo).sum()) / (len(pos) * len(neg))
+    negatives = {value: np.sort(scores[~labels & (delta == value)]) for value in np.unique(delta[~labels])}
+    close = 0
+    for value in np.unique(delta[labels]):
+        pos = scores[labels & (delta == value)]
+        for other, neg in negatives.items():
+            width = value + other
+            close += int((np.searchsorted(neg, pos + width, side="right") - np.searchsorted(neg, pos - width, side="left")).sum())
+    return close / (n_pos * n_neg)
 
 
 def pro_shift_bound(scores: np.ndarray, normal: np.ndarray, delta: float, fpr_limit: float = 0.3) -> float:
