@@ -26,7 +26,7 @@ from patchcore_lightning.embedding import embed
 from patchcore_lightning.metrics import METRIC_NAMES, evaluate
 from patchcore_lightning.model import PatchCore
 
-from .bounds import U, aupro_bound, auroc_shift_bound, chain_bound, metric_bounds, pro_shift_bound, trapezoid_bound
+from .bounds import U, chain_bound, metric_bounds, raw_metric_bounds
 
 
 @dataclass
@@ -148,11 +148,8 @@ def agreement_bounds(
 
     An image's score moves by at most its largest patch shift (``patch_shifts``), each pixel of its
     map as far (the bilinear upsampling and the blur average patch scores) plus both runs' rounding
-    of the upsampling and the 33-tap blur. One member: the metrics rank the raw values (the min-max
-    normalisation is one increasing map, it changes no order but where its rounding makes or breaks
-    a tie, which widens each shift by 4 u of the span), so the AUROCs move by the pairs
-    closer than their two images' shifts (``bounds.auroc_shift_bound``) and the AUPROs by the FPR
-    window of the largest shift (``bounds.pro_shift_bound``). Several members: the normalisation
+    of the upsampling and the 33-tap blur. One member: the metrics rank the raw values
+    (``bounds.raw_metric_bounds``). Several members: the normalisation
     turns each member's largest shift delta into 4 delta / (span - 2 delta) and the mean averages
     them (``bounds.metric_bounds``)."""
     masks = np.asarray(masks)
@@ -161,11 +158,6 @@ def agreement_bounds(
     image_shift = patch_shifts(a, b, model).max(axis=2)  # (N, M)
     blur = chain_bound(2 * (33 + 1) + 6, a.maps.reshape(*a.maps.shape[:2], -1).max(axis=2))  # (N, M)
     map_shift = image_shift + blur  # (N, M)
-    if a.scores.shape[1] == 1:
-        # the normalisation's float32 rounding (a subtraction and a division of values <= 1: 2 u on
-        # each side) can make or break a tie: 4 u of the span, in raw units
-        image_shift = image_shift + 4 * U * (a.scores.max() - a.scores.min())
-        map_shift = map_shift + 4 * U * (a.maps.max() - a.maps.min())
     if a.scores.shape[1] > 1:
         score_delta = map_delta = 0.0
         norm_scores, norm_maps = [], []
@@ -178,14 +170,4 @@ def agreement_bounds(
             norm_maps.append((maps - maps.min()) / map_span)
         return metric_bounds(np.mean(norm_scores, axis=0), np.mean(norm_maps, axis=0), truth, labels,
                              score_delta, map_delta, subset)
-    scores, maps = a.scores[:, 0], a.maps[:, 0]  # (N,), (N, H, W)
-    pixel_shift = np.broadcast_to(map_shift[:, 0, None, None], maps.shape)  # (N, H, W): each image's
-    largest = float(map_shift[:, 0].max())
-    return {
-        "instance_auroc": auroc_shift_bound(scores, labels, image_shift[:, 0]) + trapezoid_bound(len(scores) + 1),
-        "full_pixel_auroc": auroc_shift_bound(maps, truth, pixel_shift) + trapezoid_bound(maps.size + 1),
-        "full_pro": pro_shift_bound(maps, ~truth, largest) + aupro_bound(maps.size, 0.3),
-        "anomaly_pixel_auroc": auroc_shift_bound(maps[subset], truth[subset], pixel_shift[subset])
-        + trapezoid_bound(maps.size + 1),
-        "anomaly_pro": pro_shift_bound(maps[subset], ~truth[subset], largest) + aupro_bound(maps.size, 0.3),
-    }
+    return raw_metric_bounds(a.scores[:, 0], a.maps[:, 0], truth, labels, subset, image_shift[:, 0], map_shift[:, 0])

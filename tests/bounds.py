@@ -190,6 +190,33 @@ def metric_bounds(scores, maps, truth, labels, score_delta: float, map_delta: fl
     }
 
 
+def raw_metric_bounds(scores, maps, truth, labels, subset, score_shift, map_shift) -> dict[str, float]:
+    """How far the five metrics of one member's raw ``scores`` (N,) and ``maps`` (N, H, W) can move
+    when image i's score moves by at most ``score_shift[i]`` and each of its pixels by
+    ``map_shift[i]`` ((N,) each, or scalars). ``truth`` (N, H, W) the anomalous pixels, ``labels``
+    (N,), ``subset`` (N,) the images of the anomaly-only metrics.
+
+    The metrics rank the values, and the min-max normalisation is one increasing map: it changes no
+    order, except where its float32 rounding (a subtraction and a division of values <= 1: 2 u on
+    each side) makes or breaks a tie, so 4 u of the span widens every shift. The AUROCs move by the
+    pairs closer than their two shifts (auroc_shift_bound), the AUPROs by the FPR window of the
+    largest shift (pro_shift_bound); plus their own float64 rounding."""
+    scores, maps = np.asarray(scores, dtype=np.float64), np.asarray(maps, dtype=np.float64)
+    truth, labels, subset = (np.asarray(a).astype(bool) for a in (truth, labels, subset))
+    score_shift = np.broadcast_to(score_shift, scores.shape) + 4 * U * (scores.max() - scores.min())  # (N,)
+    map_shift = np.broadcast_to(map_shift, scores.shape) + 4 * U * (maps.max() - maps.min())  # (N,)
+    pixel_shift = np.broadcast_to(map_shift[:, None, None], maps.shape)  # (N, H, W): each image's
+    largest = float(map_shift.max())
+    return {
+        "instance_auroc": auroc_shift_bound(scores, labels, score_shift) + trapezoid_bound(len(scores) + 1),
+        "full_pixel_auroc": auroc_shift_bound(maps, truth, pixel_shift) + trapezoid_bound(maps.size + 1),
+        "full_pro": pro_shift_bound(maps, ~truth, largest) + aupro_bound(maps.size, 0.3),
+        "anomaly_pixel_auroc": auroc_shift_bound(maps[subset], truth[subset], pixel_shift[subset])
+        + trapezoid_bound(maps.size + 1),
+        "anomaly_pro": pro_shift_bound(maps[subset], ~truth[subset], largest) + aupro_bound(maps.size, 0.3),
+    }
+
+
 def embed_bound(maps, patchsize: int, pretrain_dim: int, target_dim: int) -> torch.Tensor:
     """How far two float32 evaluations of the patch features of ``maps`` [(B, C, h, w) a layer] can
     be apart, elementwise: patchify copies; the bilinear resize is 4 products of 2 weights, summed
