@@ -275,20 +275,21 @@ class PatchCore(nn.Module):
             raise RuntimeError("this PatchCore has no memory banks yet: fit it or load a model folder")
         size = images.shape[-2:]
         outputs = [self.score_features(*self.patch_features(images, m), m, size) for m in range(len(self))]
-        return torch.stack([s for s, _ in outputs], dim=1), torch.stack([m for _, m in outputs], dim=1)
+        return torch.stack([o[0] for o in outputs], dim=1), torch.stack([o[1] for o in outputs], dim=1)
 
     def score_features(
         self, features: torch.Tensor, grid: tuple[int, int], member: int, size: tuple[int, int]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """A member's patch features (B*h*w, D) on its (h, w) grid → its raw image scores (B,) and raw
-        segmentations (B, H, W) of ``size`` (H, W): the nearest-neighbour distances, their maximum
-        per image, and the upsampled, blurred patch scores."""
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A member's patch features (B*h*w, D) on its (h, w) grid → its raw image scores (B,), raw
+        segmentations (B, H, W) of ``size`` (H, W) and patch scores (B, h, w): the mean of each
+        patch's k nearest squared distances, their maximum per image, and the upsampled, blurred
+        patch scores."""
         if self.banks is None:
             raise RuntimeError("this PatchCore has no memory banks yet: fit it or load a model folder")
         h, w = grid
         patch = self.banks[member].patch_scores(features, self.params[member].anomaly_scorer_num_nn)  # (B*h*w,)
         patch = patch.view(-1, h, w)  # (B, h, w)
-        return patch.flatten(1).amax(dim=1), segmentation_maps(patch, tuple(size))  # (B,), (B, H, W)
+        return patch.flatten(1).amax(dim=1), segmentation_maps(patch, tuple(size)), patch  # (B,), (B, H, W), (B, h, w)
 
     # ------------------------------------------------------------------ building the banks
     @classmethod

@@ -98,18 +98,15 @@ def device_run(
     with torch.no_grad():
         for batch in images.split(batch_size):
             scores, maps, patches, errors = [], [], [], []
-            for m, p in enumerate(model.params):
+            for m in range(len(model)):
                 feats, grid = model.patch_features(batch.to(device), m)  # (B*h*w, D) float32
                 exact = exact_patch_features(model, extractors[m], batch, m).to(device)  # (B*h*w, D) float64
                 error = (feats.double() - exact).norm(dim=1)  # (B*h*w,)
                 rounding = max(rounding, float((error / exact.norm(dim=1).clamp_min(1e-300)).max()))
-                score, segmentation = model.score_features(feats, grid, m, batch.shape[-2:])  # (B,), (B, H, W)
-                patch = model.banks[m].patch_scores(feats, p.anomaly_scorer_num_nn).view(len(batch), -1)  # (B, h*w)
-                if not torch.equal(patch.amax(dim=1), score):  # the search again: the same exact distances
-                    raise RuntimeError("the search gave other patch scores for the same features")
-                scores.append(score)
-                maps.append(segmentation)
-                patches.append(patch)
+                score, segmentation, patch = model.score_features(feats, grid, m, batch.shape[-2:])
+                scores.append(score)  # (B,)
+                maps.append(segmentation)  # (B, H, W)
+                patches.append(patch.flatten(1))  # (B, h*w)
                 errors.append(error.view(len(batch), -1))
             for name, values in zip(parts, (scores, maps, patches, errors)):
                 parts[name].append(torch.stack(values, dim=1).double().cpu())  # (B, M, ...)
