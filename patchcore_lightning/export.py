@@ -26,9 +26,9 @@ Two parts, joined into one file:
   candidates nearest by ``|x|² + |y|² - 2 x·y`` (faiss's formula) to the bank in chunks of rows,
   a running top-k of (distance, row) inside an ONNX ``Loop``: one (B*N, chunk) block is alive at
   a time, so memory grows with the batch and not with the bank; at batch 1 no block passes
-  ``block_bytes``. Then the candidates' distances as ``Σ (x - y)²`` (their rows gathered:
-  (B*N, k + 4, D) floats, 16 MiB per 224² WideResNet50 image at k = 1), which is free of the
-  formula's cancellation, the mean of the k smallest per patch, the image score (the
+  ``block_bytes``. Then the candidates' distances as ``Σ (x - y)²``, one candidate at a time (a
+  (B*N, D) block: 3 MiB per 224² WideResNet50 image), which is free of the formula's cancellation,
+  the mean of the k smallest per patch, the image score (the
   largest patch score), and the map: each member's patch scores resized bilinearly to H×W, their
   mean, and scipy's σ=4 Gaussian with 'reflect' borders (two 1-D convolutions over gathered,
   reflected indices), as ``anomaly_map.segmentation_maps``.
@@ -278,7 +278,6 @@ def _search_nodes(
     y = b.const(np.ascontiguousarray(bank, dtype=np.float32), "bank")  # (R, D)
     y_sq = b.const((bank.astype(np.float64) ** 2).sum(axis=1).astype(np.float32), "bank_sq")  # (R,)
     x_sq = b.node("ReduceSumSquare", [queries], "x_sq", axes=[1], keepdims=1)  # (Q, 1)
-    c_const = b.const(np.array([c], dtype=np.int64))
 
     def block(sub: _Builder, rows: str, rows_sq: str, start: str | None, best: tuple[str, str] | None) -> tuple[str, str]:
         # (|y|² - 2 x·y) + |x|²: the (Q, chunk) block; its c nearest (global row indices) merged into ``best``
@@ -293,7 +292,8 @@ def _search_nodes(
             return near, rows_at
         both = sub.node("Concat", [best[0], near], "both", axis=1)  # (Q, c + cc)
         both_at = sub.node("Concat", [best[1], rows_at], "both_at", axis=1)
-        kept, where = sub.node("TopK", [both, c_const], "best", n_out=2, axis=1, largest=0, sorted=1)  # (Q, c)
+        kept, where = sub.node("TopK", [both, sub.const(np.array([c], dtype=np.int64))], "best", n_out=2, axis=1,
+                               largest=0, sorted=1)  # (Q, c)
         return kept, sub.node("GatherElements", [both_at, where], "best_at", axis=1)
 
     if chunk >= R:
@@ -303,7 +303,7 @@ def _search_nodes(
         # their bank rows, (Q, c) each.
         n_chunks = -(-R // chunk)
         q_rows = b.node("Slice", [b.node("Shape", [queries]), b.const(np.array([0])), b.const(np.array([1]))])
-        shape = b.node("Concat", [q_rows, c_const], axis=0)
+        shape = b.node("Concat", [q_rows, b.const(np.array([c], dtype=np.int64))], axis=0)
         init = b.node("ConstantOfShape", [shape], "inf", value=helper.make_tensor("v", TensorProto.FLOAT, [1], [np.inf]))
         init_at = b.node("ConstantOfShape", [shape], "zero", value=helper.make_tensor("v", TensorProto.INT64, [1], [0]))
         body = helper.make_graph([], "bank_chunks", [], [])
@@ -330,10 +330,14 @@ def _search_nodes(
         ])
         _, candidates = b.node("Loop", [b.const(np.array(n_chunks, dtype=np.int64)), b.const(np.array(True)), init,
                                         init_at], "best", n_out=2, body=body)
-    # the candidates' distances as Σ (x - y)², (Q, c); the k smallest, averaged
-    rows = b.node("Gather", [y, candidates], "candidate_rows", axis=0)  # (Q, c, D)
-    diff = b.node("Sub", [rows, b.node("Unsqueeze", [queries, b.const(np.array([1]))])], "diff")  # (Q, c, D)
-    exact = b.node("ReduceSumSquare", [diff], "exact", axes=[2], keepdims=0)  # (Q, c)
+    # the candidates' distances as Σ (x - y)², one candidate at a time (a (Q, D) block each, not
+    # (Q, c, D)), (Q, c); then the k smallest, averaged
+    exact = []
+    for j in range(c):
+        at = b.node("Gather", [candidates, b.const(np.array(j, dtype=np.int64))], "candidate", axis=1)  # (Q,)
+        diff = b.node("Sub", [b.node("Gather", [y, at], "candidate_rows", axis=0), queries], "diff")  # (Q, D)
+        exact.append(b.node("ReduceSumSquare", [diff], "exact", axes=[1], keepdims=1))  # (Q, 1)
+    exact = b.node("Concat", exact, "candidates_exact", axis=1)  # (Q, c)
     if c > k:
         exact = b.node("TopK", [exact, b.const(np.array([k], dtype=np.int64))], "nearest", n_out=2, axis=1,
                        largest=0, sorted=1)[0]  # (Q, k)
