@@ -9,13 +9,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 
 from patchcore_lightning.model import Backbones, PatchCore
 
 from .agreement import DeviceRun, agreement_bounds, category_tensors, device_run, metrics_of
-from .bounds import FEATURE_ROUNDING, U
+from .bounds import FEATURE_ROUNDING
 from .conftest import FIXTURE
 
 ROOT = Path(__file__).parent.parent

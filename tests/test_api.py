@@ -25,8 +25,8 @@ from patchcore_lightning.model import Backbones, default_resize
 from patchcore_lightning.model_io import read_params
 from patchcore_lightning.reporting import read_results, read_thresholds
 
-from .conftest import FIXTURE, fixture_args
 from .bounds import raw_metric_bounds
+from .conftest import FIXTURE, fixture_args
 from .test_original_fixture import _original_gap_bound, _raw_outputs
 
 REPO = Path(__file__).resolve().parent.parent
