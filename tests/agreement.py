@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from patchcore_lightning.anomaly_map import segmentation_maps
 from patchcore_lightning.data.mvtec import MVTecDataset, list_samples
 from patchcore_lightning.embedding import embed
 from patchcore_lightning.metrics import METRIC_NAMES, evaluate
@@ -39,6 +40,7 @@ class DeviceRun:
         patches: (N, M, P) the members' patch scores (P = h*w).
         errors: (N, M, P) each patch feature's distance |f - f_exact| to the float64 forward's.
         rounding: the largest relative error |f - f_exact| / |f_exact| of any patch feature.
+        grid: the patch grid (h, w), P = h * w (the members share it: one input size).
     """
 
     scores: np.ndarray
@@ -46,14 +48,16 @@ class DeviceRun:
     patches: np.ndarray
     errors: np.ndarray
     rounding: float
+    grid: tuple[int, int]
 
     def save(self, path) -> None:
-        np.savez(path, **{k: getattr(self, k) for k in ("scores", "maps", "patches", "errors", "rounding")})
+        np.savez(path, **{k: np.asarray(getattr(self, k)) for k in ("scores", "maps", "patches", "errors", "rounding", "grid")})
 
     @classmethod
     def load(cls, path) -> DeviceRun:
         data = np.load(path)
-        return cls(data["scores"], data["maps"], data["patches"], data["errors"], float(data["rounding"]))
+        return cls(data["scores"], data["maps"], data["patches"], data["errors"], float(data["rounding"]),
+                   tuple(int(n) for n in data["grid"]))
 
 
 def category_tensors(root, category: str, resize: int, imagesize: int) -> tuple[torch.Tensor, np.ndarray, np.ndarray]:
@@ -110,7 +114,7 @@ def device_run(
                 errors.append(error.view(len(batch), -1))
             for name, values in zip(parts, (scores, maps, patches, errors)):
                 parts[name].append(torch.stack(values, dim=1).double().cpu())  # (B, M, ...)
-    return DeviceRun(*(torch.cat(parts[name]).numpy() for name in parts), rounding)
+    return DeviceRun(*(torch.cat(parts[name]).numpy() for name in parts), rounding, tuple(grid))
 
 
 def metrics_of(run: DeviceRun, labels: np.ndarray, masks: np.ndarray) -> dict[str, float]:
@@ -143,16 +147,18 @@ def agreement_bounds(
     """The most each of the five metrics of ``a`` and ``b`` can differ, from ``a``'s raw outputs and
     both runs' measured feature errors. ``masks`` (N, H, W) uint8, 255 anomalous; ``labels`` (N,).
 
-    An image's score moves by at most its largest patch shift (``patch_shifts``), each pixel of its
-    map as far (the bilinear upsampling and the blur average patch scores) plus both runs' rounding
-    of the upsampling and the 33-tap blur. One member: the metrics rank the raw values
+    An image's score moves by at most its largest patch shift (``patch_shifts``); a pixel of its map
+    by the same upsampling and blur of the patch shifts (non-negative weights: the map of the
+    shifts bounds the shift of the map; float64 weights here, within u of the runs' float32 ones)
+    plus both runs' rounding of the upsampling and the 33-tap blur. One member: the metrics rank the raw values
     (``bounds.raw_metric_bounds``). Several members: the normalisation
     turns each member's largest shift delta into 4 delta / (span - 2 delta) and the mean averages
     them (``bounds.metric_bounds``)."""
     masks = np.asarray(masks)
     truth, labels = masks == 255, np.asarray(labels).astype(bool)
     subset = masks.reshape(len(masks), -1).max(axis=1) > 0  # the images of the anomaly-only metrics, as evaluate's
-    image_shift = patch_shifts(a, b, model).max(axis=2)  # (N, M)
+    shifts = patch_shifts(a, b, model)  # (N, M, P)
+    image_shift = shifts.max(axis=2)  # (N, M)
     blur = chain_bound(2 * (33 + 1) + 6, a.maps.reshape(*a.maps.shape[:2], -1).max(axis=2))  # (N, M)
     map_shift = image_shift + blur  # (N, M)
     if a.scores.shape[1] > 1:
@@ -167,4 +173,7 @@ def agreement_bounds(
             norm_maps.append((maps - maps.min()) / map_span)
         return metric_bounds(np.mean(norm_scores, axis=0), np.mean(norm_maps, axis=0), truth, labels,
                              score_delta, map_delta, subset)
-    return raw_metric_bounds(a.scores[:, 0], a.maps[:, 0], truth, labels, subset, image_shift[:, 0], map_shift[:, 0])
+    patch_grid = torch.from_numpy(shifts[:, 0].reshape(len(shifts), *a.grid))  # (N, h, w) float64
+    pixel_shift = segmentation_maps(patch_grid, a.maps.shape[-2:]).numpy() * (1 + 4 * U)  # (N, H, W)
+    return raw_metric_bounds(a.scores[:, 0], a.maps[:, 0], truth, labels, subset, image_shift[:, 0],
+                             pixel_shift + blur[:, 0, None, None])

@@ -49,23 +49,21 @@ def feature_shift_bound(distance: torch.Tensor, x_norm: torch.Tensor) -> torch.T
 
 def auroc_shift_bound(scores: np.ndarray, labels: np.ndarray, delta: np.ndarray | float) -> float:
     """The most the AUROC of ``scores`` can change when each score moves by at most ``delta`` (scalar,
-    or one per score): only the (positive, negative) pairs closer than delta_p + delta_n can change
-    order, each by at most one pair in the count. Returns their fraction of all pairs. The scores
-    are grouped by their delta for the count (one group per image where the deltas are per image)."""
+    or one per score): only the (positive, negative) pairs closer than delta_p + delta_n, whose
+    intervals [s - delta, s + delta] meet, can change order, each by at most one pair in the count.
+    Returns their fraction of all pairs: all pairs less those whose intervals lie apart, counted by
+    sorting (any deltas, one per pixel included)."""
     scores = np.asarray(scores, dtype=np.float64)
     delta = np.broadcast_to(np.asarray(delta, dtype=np.float64), scores.shape).ravel()
     scores, labels = scores.ravel(), np.asarray(labels).ravel().astype(bool)
+    lo, hi = scores - delta, scores + delta
     n_pos, n_neg = int(labels.sum()), int((~labels).sum())
     if n_pos == 0 or n_neg == 0:
         return 0.0
-    negatives = {value: np.sort(scores[~labels & (delta == value)]) for value in np.unique(delta[~labels])}
-    close = 0
-    for value in np.unique(delta[labels]):
-        pos = scores[labels & (delta == value)]
-        for other, neg in negatives.items():
-            width = value + other
-            close += int((np.searchsorted(neg, pos + width, side="right") - np.searchsorted(neg, pos - width, side="left")).sum())
-    return close / (n_pos * n_neg)
+    # pairs whose positive interval ends before the negative's begins, and the other way round
+    below = int(np.searchsorted(np.sort(hi[labels]), lo[~labels], side="left").sum())
+    above = int(np.searchsorted(np.sort(hi[~labels]), lo[labels], side="left").sum())
+    return (n_pos * n_neg - below - above) / (n_pos * n_neg)
 
 
 def pro_shift_bound(scores: np.ndarray, normal: np.ndarray, delta: float, fpr_limit: float = 0.3) -> float:
@@ -192,9 +190,9 @@ def metric_bounds(scores, maps, truth, labels, score_delta: float, map_delta: fl
 
 def raw_metric_bounds(scores, maps, truth, labels, subset, score_shift, map_shift) -> dict[str, float]:
     """How far the five metrics of one member's raw ``scores`` (N,) and ``maps`` (N, H, W) can move
-    when image i's score moves by at most ``score_shift[i]`` and each of its pixels by
-    ``map_shift[i]`` ((N,) each, or scalars). ``truth`` (N, H, W) the anomalous pixels, ``labels``
-    (N,), ``subset`` (N,) the images of the anomaly-only metrics.
+    when image i's score moves by at most ``score_shift[i]`` ((N,) or a scalar) and its pixels by
+    ``map_shift`` (per pixel (N, H, W), per image (N,), or a scalar). ``truth`` (N, H, W) the
+    anomalous pixels, ``labels`` (N,), ``subset`` (N,) the images of the anomaly-only metrics.
 
     The metrics rank the values, and the min-max normalisation is one increasing map: it changes no
     order, except where its float32 rounding (a subtraction and a division of values <= 1: 2 u on
@@ -204,9 +202,11 @@ def raw_metric_bounds(scores, maps, truth, labels, subset, score_shift, map_shif
     scores, maps = np.asarray(scores, dtype=np.float64), np.asarray(maps, dtype=np.float64)
     truth, labels, subset = (np.asarray(a).astype(bool) for a in (truth, labels, subset))
     score_shift = np.broadcast_to(score_shift, scores.shape) + 4 * U * (scores.max() - scores.min())  # (N,)
-    map_shift = np.broadcast_to(map_shift, scores.shape) + 4 * U * (maps.max() - maps.min())  # (N,)
-    pixel_shift = np.broadcast_to(map_shift[:, None, None], maps.shape)  # (N, H, W): each image's
-    largest = float(map_shift.max())
+    map_shift = np.asarray(map_shift, dtype=np.float64)
+    if map_shift.ndim == 1:
+        map_shift = map_shift[:, None, None]  # each image's, for each of its pixels
+    pixel_shift = np.broadcast_to(map_shift, maps.shape) + 4 * U * (maps.max() - maps.min())  # (N, H, W)
+    largest = float(pixel_shift.max())
     return {
         "instance_auroc": auroc_shift_bound(scores, labels, score_shift) + trapezoid_bound(len(scores) + 1),
         "full_pixel_auroc": auroc_shift_bound(maps, truth, pixel_shift) + trapezoid_bound(maps.size + 1),

@@ -563,7 +563,11 @@ def test_the_runtimes_scores_are_within_the_bound_of_their_features(case_name, r
             maps.append(segmentation.double().numpy())  # (B, H, W)
             patches.append(patch.flatten(1).double().numpy())  # (B, N)
     ensemble_score, ensemble_map = np.mean(scores, axis=0), np.mean(maps, axis=0)
-    for runtime, graph in (("onnxruntime", "onnx"), ("openvino", "onnx"), ("openvino", "ir")):
+    runtimes = [("onnxruntime", "onnx"), ("openvino", "onnx"), ("openvino", "ir")]
+    if os.environ.get("ONEDNN_MAX_CPU_ISA"):
+        # OpenVINO's CPU plugin runs on oneDNN and refuses to compile below its ISA ("bad combination")
+        runtimes = runtimes[:1]
+    for runtime, graph in runtimes:
         (rt_score, rt_members, rt_map), rt_feats = _runtime_with_features(deploy, case.export, runtime, graph, pixels, M)
         image_bounds = []
         for m, p in enumerate(model.params):
