@@ -174,6 +174,21 @@ def _argument_error_line(message: str, keys: Sequence[str]) -> str:
     return f"--{key}: {detail}"
 
 
+def _ignore_half_built_loaders() -> None:
+    """After an interrupt: a signal that lands while a DataLoader starts its workers leaves an iterator
+    without ``_workers``, whose ``__del__`` then prints an AttributeError traceback at exit, after the
+    line that says how to go on. That one report is dropped; every other goes to the hook before."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        where = getattr(unraisable.object, "__qualname__", "")
+        if unraisable.exc_type is AttributeError and where == "_MultiProcessingDataLoaderIter.__del__":
+            return
+        previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def _interruptible(subcommand: Callable) -> Callable:
     """A subcommand that, interrupted (a KeyboardInterrupt, also as ``_run_loop`` raises it), raises
     ``_RunInterrupted`` with the line that says what the run leaves and how to go on."""
@@ -736,9 +751,11 @@ def main(args: list[str] | None = None) -> None:
         print(f"error: {_one_line(err)}  (PATCHCORE_DEBUG=1 shows the traceback)", file=sys.stderr)
         sys.exit(2)
     except _RunInterrupted as stop:
+        _ignore_half_built_loaders()
         print(stop.line, file=sys.stderr)
         sys.exit(128 + stop.signum)
     except KeyboardInterrupt:  # while the configuration is read and the objects built: before any work
+        _ignore_half_built_loaders()
         signum = _SIGNALS.received or signal.SIGINT
         print(f"interrupted by {signal.Signals(signum).name} before any work: nothing was run", file=sys.stderr)
         sys.exit(128 + signum)

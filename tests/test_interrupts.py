@@ -152,3 +152,25 @@ def test_an_interrupted_fit_names_the_models_built_and_the_rest(full, resnet18_w
     assert (f"interrupted by SIGINT in mvtec_c2 (2/3): {out / 'models'} holds the finished models of mvtec_c1; "
             f"build the rest with --data.categories '[\"c2\", \"c3\"]'") in err, err
     assert sorted(p.name for p in (out / "models").iterdir()) == ["mvtec_c1"]
+
+
+def test_a_half_built_loader_prints_nothing_after_the_interrupt_line():
+    """A signal that lands while a DataLoader starts its workers leaves an iterator without
+    ``_workers``, whose ``__del__`` would print an AttributeError traceback after the resume line;
+    after an interrupt that one report is dropped, and any other still reaches stderr."""
+    script = (
+        "import torch.utils.data.dataloader as d\n"
+        "from patchcore_lightning.cli import _ignore_half_built_loaders\n"
+        "_ignore_half_built_loaders()\n"
+        "half = d._MultiProcessingDataLoaderIter.__new__(d._MultiProcessingDataLoaderIter)\n"
+        "del half\n"
+        "class Other:\n"
+        "    def __del__(self):\n"
+        "        raise ValueError('another report')\n"
+        "other = Other()\n"
+        "del other\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "_MultiProcessingDataLoaderIter" not in proc.stderr and "AttributeError" not in proc.stderr, proc.stderr
+    assert "ValueError: another report" in proc.stderr, proc.stderr
