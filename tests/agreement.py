@@ -27,7 +27,7 @@ from patchcore_lightning.embedding import embed
 from patchcore_lightning.metrics import METRIC_NAMES, evaluate
 from patchcore_lightning.model import PatchCore
 
-from .bounds import U, chain_bound, metric_bounds, raw_metric_bounds
+from .bounds import U, chain_bound, ensemble_metric_bounds, patch_score_shift, raw_metric_bounds
 
 
 @dataclass
@@ -135,10 +135,8 @@ def patch_shifts(a: DeviceRun, b: DeviceRun, model: PatchCore) -> np.ndarray:
     with r <= sqrt(k s) for the mean s of the k squares (the patch score). Both searches compute
     the distances exactly and round each once, then average them in float32: (k + 2) u of the
     score per side."""
-    e = a.errors + b.errors  # (N, M, P)
     k = np.array([p.anomaly_scorer_num_nn for p in model.params], dtype=np.float64)[None, :, None]  # (1, M, 1)
-    move = e * (2 * np.sqrt(k * a.patches) + e)
-    return move + 2 * (k + 2) * U * (a.patches + move)
+    return patch_score_shift(a.errors + b.errors, a.patches, k, 2 * (k + 2))  # (N, M, P)
 
 
 def agreement_bounds(
@@ -153,7 +151,7 @@ def agreement_bounds(
     plus both runs' rounding of the upsampling and the 33-tap blur. One member: the metrics rank the raw values
     (``bounds.raw_metric_bounds``). Several members: the normalisation
     turns each member's largest shift delta into 4 delta / (span - 2 delta) and the mean averages
-    them (``bounds.metric_bounds``)."""
+    them (``bounds.ensemble_metric_bounds``)."""
     masks = np.asarray(masks)
     truth, labels = masks == 255, np.asarray(labels).astype(bool)
     subset = masks.reshape(len(masks), -1).max(axis=1) > 0  # the images of the anomaly-only metrics, as evaluate's
@@ -162,17 +160,8 @@ def agreement_bounds(
     blur = chain_bound(2 * (33 + 1) + 6, a.maps.reshape(*a.maps.shape[:2], -1).max(axis=2))  # (N, M)
     map_shift = image_shift + blur  # (N, M)
     if a.scores.shape[1] > 1:
-        score_delta = map_delta = 0.0
-        norm_scores, norm_maps = [], []
-        for m in range(a.scores.shape[1]):
-            scores, maps = a.scores[:, m], a.maps[:, m]
-            span, map_span = scores.max() - scores.min(), maps.max() - maps.min()
-            score_delta += 4 * image_shift[:, m].max() / (span - 2 * image_shift[:, m].max()) / a.scores.shape[1]
-            map_delta += 4 * map_shift[:, m].max() / (map_span - 2 * map_shift[:, m].max()) / a.scores.shape[1]
-            norm_scores.append((scores - scores.min()) / span)
-            norm_maps.append((maps - maps.min()) / map_span)
-        return metric_bounds(np.mean(norm_scores, axis=0), np.mean(norm_maps, axis=0), truth, labels,
-                             score_delta, map_delta, subset)
+        members = [(a.scores[:, m], a.maps[:, m]) for m in range(a.scores.shape[1])]
+        return ensemble_metric_bounds(members, image_shift.max(axis=0), map_shift.max(axis=0), truth, labels, subset)
     patch_grid = torch.from_numpy(shifts[:, 0].reshape(len(shifts), *a.grid))  # (N, h, w) float64
     pixel_shift = segmentation_maps(patch_grid, a.maps.shape[-2:]).numpy() * (1 + 4 * U)  # (N, H, W)
     return raw_metric_bounds(a.scores[:, 0], a.maps[:, 0], truth, labels, subset, image_shift[:, 0],

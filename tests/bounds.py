@@ -153,18 +153,35 @@ def metric_shift_bounds(
     min-max normalisation turns a move of delta into at most 4 delta / (span - 2 delta); the mean
     over members moves by the mean of theirs. The metrics then move by auroc_shift_bound and
     pro_shift_bound, plus their own float64 rounding."""
+    score_shifts, map_shifts = [], []
+    for (scores, maps), bank_norm in zip(members, bank_norms):
+        delta = float(score_shift_bound(np.max(scores), bank_norm, rounding))
+        score_shifts.append(delta)
+        map_shifts.append(delta + float(chain_bound(2 * (33 + 1) + 6, np.max(maps))))
+    return ensemble_metric_bounds(members, score_shifts, map_shifts, truth, labels, subset)
+
+
+def normalised_shift(delta, span):
+    """How far a value min-max normalised over ``span`` moves when every value moves by at most
+    ``delta``: the numerator and the span each by 2 delta, of a quotient in [0, 1]: at most
+    4 delta / (span - 2 delta)."""
+    return 4 * delta / (span - 2 * delta)
+
+
+def ensemble_metric_bounds(members, score_shifts, map_shifts, truth, labels, subset=None) -> dict[str, float]:
+    """How far the five metrics of an ensemble can move when member m's raw scores move by at most
+    ``score_shifts[m]`` and its maps by ``map_shifts[m]``: ``members`` [(scores (N,), maps (N, H, W))]
+    raw; each member min-max normalised (normalised_shift), the mean over members moving by the mean
+    of theirs; then metric_bounds."""
     score_delta = map_delta = 0.0
     norm_scores, norm_maps = [], []
-    for (scores, maps), bank_norm in zip(members, bank_norms):
+    for (scores, maps), score_shift, map_shift in zip(members, score_shifts, map_shifts):
         scores, maps = np.asarray(scores, dtype=np.float64), np.asarray(maps, dtype=np.float64)
-        delta = float(score_shift_bound(scores.max(), bank_norm, rounding))
-        span = scores.max() - scores.min()
-        score_delta += 4 * delta / (span - 2 * delta) / len(members)
-        delta = delta + float(chain_bound(2 * (33 + 1) + 6, maps.max()))
-        span = maps.max() - maps.min()
-        map_delta += 4 * delta / (span - 2 * delta) / len(members)
-        norm_scores.append((scores - scores.min()) / (scores.max() - scores.min()))
-        norm_maps.append((maps - maps.min()) / span)
+        span, map_span = scores.max() - scores.min(), maps.max() - maps.min()
+        score_delta += normalised_shift(score_shift, span) / len(members)
+        map_delta += normalised_shift(map_shift, map_span) / len(members)
+        norm_scores.append((scores - scores.min()) / span)
+        norm_maps.append((maps - maps.min()) / map_span)
     scores, maps = np.mean(norm_scores, axis=0), np.mean(norm_maps, axis=0)
     return metric_bounds(scores, maps, truth, labels, score_delta, map_delta, subset)
 
@@ -186,6 +203,15 @@ def metric_bounds(scores, maps, truth, labels, score_delta: float, map_delta: fl
         + trapezoid_bound(maps.size + 1),
         "anomaly_pro": pro_shift_bound(maps[subset], ~truth[subset], map_delta) + aupro_bound(maps.size, 0.3),
     }
+
+
+def patch_score_shift(e, s, k, roundings: int):
+    """How far a patch score ``s`` (the mean of its k nearest squared distances) can move when its
+    feature moves by at most ``e`` (arrays alike): the distance to the r-th nearest bank row is
+    1-Lipschitz in the feature, so each of the k moves by at most e and its square by e (2 r + e),
+    with r <= sqrt(k s); plus ``roundings`` u of the moved score (the searches' and means' roundings)."""
+    move = e * (2 * np.sqrt(k * s) + e)
+    return move + roundings * U * (s + move)
 
 
 def raw_metric_bounds(scores, maps, truth, labels, subset, score_shift, map_shift) -> dict[str, float]:

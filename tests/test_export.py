@@ -41,7 +41,17 @@ from patchcore_lightning.cli import PatchCoreCLI, main
 from patchcore_lightning.data.synthetic import make_synthetic_mvtec
 from patchcore_lightning.metrics import image_auroc
 
-from .bounds import U, auroc_shift_bound, chain_bound, embed_bound, formula_bound, score_shift_bound, trapezoid_bound
+from .bounds import (
+    U,
+    auroc_shift_bound,
+    chain_bound,
+    embed_bound,
+    formula_bound,
+    normalised_shift,
+    patch_score_shift,
+    score_shift_bound,
+    trapezoid_bound,
+)
 from .conftest import FIXTURE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,7 +155,7 @@ class Case:
         theirs = np.stack([self.raw_scores[p] for p in order])  # (N, M) test's raw scores
         delta = np.abs(member_scores.double().numpy() - theirs).max(axis=0)  # (M,)
         span = theirs.max(axis=0) - theirs.min(axis=0)
-        moved = float(np.mean(4 * delta / (span - 2 * delta)))
+        moved = float(np.mean(normalised_shift(delta, span)))
         normalised = ((theirs - theirs.min(axis=0)) / span).mean(axis=1)
         bound = auroc_shift_bound(normalised, labels.numpy(), moved) + 2 * trapezoid_bound(len(order) + 1, U)
         got = image_auroc(minmax_normalise(member_scores.T).mean(dim=0), labels)
@@ -574,9 +584,8 @@ def test_the_runtimes_scores_are_within_the_bound_of_their_features(case_name, r
             k, D = p.anomaly_scorer_num_nn, p.target_embed_dimension
             e_torch = (feats[m] - exact[m]).norm(dim=1).view(B, -1).numpy()  # (B, N)
             e_rt = (torch.from_numpy(rt_feats[m]).reshape(-1, D).double() - exact[m]).norm(dim=1).view(B, -1).numpy()
-            e, s = e_torch + e_rt, patches[m]
-            move = e * (2 * np.sqrt(k * s) + e)
-            shift = move + ((k + 2) + (D + 2 + k + 1)) * U * (s + move)  # (B, N)
+            # the torch search rounds each distance once and averages k; the graph's Σ (x - y)² D + 2 times
+            shift = patch_score_shift(e_torch + e_rt, patches[m], k, (k + 2) + (D + 2 + k + 1))  # (B, N)
             image_bounds.append(shift.max(axis=1))  # (B,)
             assert bool((np.abs(rt_members[:, m] - scores[m]) <= image_bounds[m]).all()), (runtime, m)
         mean_bound = np.mean(image_bounds, axis=0)  # (B,)

@@ -75,6 +75,14 @@ def full(tmp_path_factory, resnet18_weights):
     return root, read_results(base / "full" / "results.csv")
 
 
+def _interrupted(capsys, args: list[str]) -> tuple[int, str]:
+    """``main(args)`` in this process, which must end with SystemExit: its exit code and its stderr."""
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    return exit_info.value.code, capsys.readouterr().err
+
+
 def _resume_completes(root: Path, weights: Path, results_dir: Path, expected: dict) -> None:
     resumed = subprocess.run(
         [sys.executable, str(ROOT / "lightning_cli.py"), *_args(root, weights, results_dir, "--resume", "true")],
@@ -117,11 +125,8 @@ def test_a_keyboard_interrupt_lightning_catches_ends_with_130(full, resnet18_wei
     """Lightning catches KeyboardInterrupt and exits 1; the run still ends as an interrupt."""
     root, expected = full
     out = tmp_path / "out"
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(_args(root, resnet18_weights, out, *_callback("c3", "raise")))
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 130, err
+    code, err = _interrupted(capsys, _args(root, resnet18_weights, out, *_callback("c3", "raise")))
+    assert code == 130, err
     assert f"interrupted by SIGINT in mvtec_c3 (3/3): {out / 'results.csv'} holds mvtec_c1, mvtec_c2 (2 of 3" in err
     assert set(read_results(out / "results.csv")) == {"mvtec_c1", "mvtec_c2", "mean"}
 
@@ -129,11 +134,8 @@ def test_a_keyboard_interrupt_lightning_catches_ends_with_130(full, resnet18_wei
 def test_a_signal_whose_keyboard_interrupt_is_lost_still_ends_the_run(full, resnet18_weights, tmp_path, capsys):
     root, expected = full
     out = tmp_path / "out"
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(_args(root, resnet18_weights, out, *_callback("c2", "lose")))
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 130, err
+    code, err = _interrupted(capsys, _args(root, resnet18_weights, out, *_callback("c2", "lose")))
+    assert code == 130, err
     assert "interrupted by SIGINT in mvtec_c2 (2/3)" in err
     assert set(read_results(out / "results.csv")) == {"mvtec_c1", "mean"}
     _resume_completes(root, resnet18_weights, out, expected)
@@ -144,11 +146,8 @@ def test_an_interrupted_fit_names_the_models_built_and_the_rest(full, resnet18_w
     out = tmp_path / "out"
     fit = ["--model.backbones", "[resnet18]", "--model.pretrain_embed_dimension", "96",
            "--model.target_embed_dimension", "64", "--model.percentage", "0.2", "--model.model_paths", "null"]
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(_args(root, resnet18_weights, out, *fit, *_callback("c2", "raise"), command="fit"))
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 130, err
+    code, err = _interrupted(capsys, _args(root, resnet18_weights, out, *fit, *_callback("c2", "raise"), command="fit"))
+    assert code == 130, err
     assert (f"interrupted by SIGINT in mvtec_c2 (2/3): {out / 'models'} holds the finished models of mvtec_c1; "
             f"build the rest with --data.categories '[\"c2\", \"c3\"]'") in err, err
     assert sorted(p.name for p in (out / "models").iterdir()) == ["mvtec_c1"]
