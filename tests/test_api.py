@@ -69,7 +69,11 @@ def test_python_api_gives_the_originals_outputs_and_the_clis_rows(weights, tmp_p
     map_shift = np.abs(maps - ORIGINAL["segmentations"])  # (8, 224, 224): each pixel's
     labels = ORIGINAL["labels"].astype(bool)
     bounds = raw_metric_bounds(scores, maps, torch.stack(masks).numpy() == 255, labels, labels, score_shift, map_shift)
-    assert bounds["full_pixel_auroc"] < 1e-3 and bounds["full_pro"] < 1e-2  # a check, not a formality
+    # a check, not a formality: the shifts are mostly the rounding stored in the original's outputs (its
+    # faiss formula and its backbone, ~1e-5 of a score, fixed in the fixture whatever CPU runs this); ours
+    # adds ~1e-6 of a score (test_agreement: features a few u from float64), so the bounds (1.7e-5 and
+    # 5.5e-4 here) stay far below these limits on any CPU
+    assert bounds["full_pixel_auroc"] < 1e-3 and bounds["full_pro"] < 1e-2
     for name, value in META["metrics"].items():
         assert abs(getattr(result, name) - value) <= bounds[name], (name, getattr(result, name), value, bounds[name])
     main(["test", *fixture_args(weights, tmp_path, "--trainer.logger", "false")])
