@@ -28,7 +28,7 @@
    ``test`` of 60 of the test images on the CPU and on the device, each metric's difference held
    to its bound from the run's own data (tests/agreement.py: the model's float32 outputs on each
    side, at the CLI's batch size there, with each side's patch features measured against a float64
-   forward; the pairs and the FPR window that rounding can reorder): the script exits 1 where a
+   forward; the pairs and the PRO-curve area that rounding allows): the script exits 1 where a
    difference passes its bound; and the search alone on the same patch features (extracted once on the device):
    the device's search (the torch search on a GPU with faiss-cpu) against faiss on the CPU, the
    largest relative difference of the nearest distances and the seconds per image of each.

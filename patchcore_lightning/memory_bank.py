@@ -19,7 +19,9 @@ Two ways to find the candidates:
 - ``faiss``: an ``IndexFlatL2`` over the vectors (on a GPU through a faiss GPU build). The CPU default.
 - ``torch``: the same formula by matrix products and a running top-k, over chunks of the queries
   and of the bank so that no distance block exceeds ``block_bytes``: memory is bounded and time
-  linear in the bank size. It runs on any device.
+  linear in the bank size. It runs on any device. Its products are float32 even where TF32 is
+  allowed (``--model.allow_tf32``): TF32's 10-bit products would move the formula by ~1e-3 of
+  ``|x|²``, more than the gap between the nearest rows, and the candidates would miss them.
 
 ``knn_backend`` ``auto`` picks per device: faiss on the CPU; on a GPU faiss's GPU index when the
 installed faiss has GPU support, else the torch search on that GPU. ``faiss`` behind a GPU with a
@@ -29,6 +31,7 @@ CPU-only faiss searches on the CPU (``describe`` says so; the module logs it as 
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from typing import Literal
 
 import faiss
@@ -86,6 +89,22 @@ def torch_knn(
     Chunks the queries and the bank so that no distance block holds more than ``block_bytes``;
     ``bank_sq`` (M,) are the bank's squared norms, computed when not given.
     """
+    with _float32_products():
+        return _torch_knn(queries, bank, k, bank_sq, block_bytes)
+
+
+@contextmanager
+def _float32_products():
+    """cuBLAS in float32 (no TF32) inside, torch's flag restored afterwards."""
+    allowed = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
+def _torch_knn(queries, bank, k, bank_sq, block_bytes) -> tuple[torch.Tensor, torch.Tensor]:
     N, D = queries.shape
     M = len(bank)
     if bank_sq is None:

@@ -6,11 +6,12 @@ tie within the rounding, and how many pairs do depends on the data. So each side
 each of its float32 patch features lies from a float64 forward of the same network on the same
 images (the exact features, to ~1e-16); the searches compute their distances exactly, so the
 features are the only source: each patch score moves by what its feature's shift allows
-(``patch_shifts``), each image's score and map by its largest patch's, and the metrics by the
-fraction of pairs (AUROC) and the FPR window (AUPRO) that such moves can reorder
+(``patch_shifts``), each image's score by its largest patch's, each pixel by the upsampled,
+blurred moves of its patches, and the metrics by the fraction of pairs (AUROC) and the area
+between the PRO curves of the pixels moved down and up (AUPRO) that such moves allow
 (``agreement_bounds``). It assumes, as ``MemoryBank.search`` states, that the k nearest rows are
 among the k + 4 candidates the float32 formula picks. Used by tests/test_agreement.py (two CPU
-kernel settings) and benchmarks/bench_gpu.py (a GPU and the CPU).
+kernel settings), benchmarks/bench_gpu.py and benchmarks/gpu_equivalence.py (a GPU and the CPU).
 """
 
 from __future__ import annotations

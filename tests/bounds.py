@@ -66,20 +66,64 @@ def auroc_shift_bound(scores: np.ndarray, labels: np.ndarray, delta: np.ndarray 
     return (n_pos * n_neg - below - above) / (n_pos * n_neg)
 
 
-def pro_shift_bound(scores: np.ndarray, normal: np.ndarray, delta: float, fpr_limit: float = 0.3) -> float:
-    """The most AUPRO (up to ``fpr_limit``) can change when each score moves by at most ``delta``.
+def _region_shares(truth: np.ndarray) -> np.ndarray:
+    """Each anomalous pixel's share of the PRO, (N, H, W) float64: 1 / (its 8-connected region's size
+    times the number of regions of all images), 0 on normal pixels (scipy's labelling, independent of
+    the code under test)."""
+    from scipy import ndimage
 
-    At any threshold t the moved scores flag a set between {s >= t + delta} and {s >= t - delta} of
-    the unmoved ones, so each point of the moved PRO curve lies on the unmoved curve at most W away
-    along the FPR axis, W the largest fraction of normal pixels inside one window of width 2 delta.
-    The PRO curve is below 1, so the normalised area changes by at most W / fpr_limit. (A common
-    monotone rescaling of all scores, as the min-max normalisation of one member, changes nothing.)
-    """
-    neg = np.sort(np.asarray(scores, dtype=np.float64)[np.asarray(normal, dtype=bool)])
-    if len(neg) == 0:
+    shares, regions = np.zeros(truth.shape), 0
+    for share, mask in zip(shares, truth):
+        labels, k = ndimage.label(mask, structure=np.ones((3, 3)))
+        if k:
+            share[mask] = 1.0 / np.bincount(labels.ravel())[labels[mask]]
+        regions += k
+    return shares / max(regions, 1)
+
+
+def aupro_shift_bound(maps: np.ndarray, truth: np.ndarray, delta: np.ndarray | float, fpr_limit: float = 0.3) -> float:
+    """The most AUPRO (up to ``fpr_limit``, normalised by it; MVTec's) of ``maps`` (N, H, W) can change
+    when each pixel moves by at most ``delta`` (scalar, or one per pixel); ``truth`` (N, H, W) the
+    anomalous pixels.
+
+    Every point of the moved curve, its straight pieces included, comes from flagging all pixels
+    above some t' and a share of those at t', so it flags every pixel with lo = s - delta > t' and
+    none without hi = s + delta >= t'. FPR counts only normal pixels and PRO only anomalous ones,
+    so at FPR f the moved PRO lies between
+        L(f) = PRO{lo > t'}   for the largest t' with #normals{hi >= t'} >= f n: the ceil(f n)-th
+                              largest hi of the n normal pixels,
+        U(f) = PRO{hi >= t'}  for the smallest t' with #normals{lo > t'} <= f n: the
+                              (floor(f n) + 1)-th largest lo,
+    both step functions of f with steps 1/n. The unmoved curve lies there too, so the two AUPROs
+    are at most the area between L and U (divided by fpr_limit) apart. With delta = 0 that area is
+    what exact ties of normal and anomalous scores leave open; it grows with the normal pixels
+    whose intervals meet an anomalous pixel's, weighted by its region's share, not with the largest
+    delta. (A common monotone rescaling of all scores, as the min-max normalisation of one member,
+    changes nothing.)"""
+    maps = np.asarray(maps, dtype=np.float64)
+    truth = np.asarray(truth, dtype=bool)
+    delta = np.broadcast_to(np.asarray(delta, dtype=np.float64), maps.shape)
+    lo, hi = maps - delta, maps + delta
+    normal_hi = -np.sort(-hi[~truth])  # (n,) descending
+    normal_lo = -np.sort(-lo[~truth])  # (n,) descending
+    n = len(normal_hi)
+    if n == 0 or not truth.any():
         return 0.0
-    hi = np.searchsorted(neg, neg + 2 * float(delta), side="right")
-    return float((hi - np.arange(len(neg))).max()) / len(neg) / fpr_limit
+    share = _region_shares(truth)[truth]  # (P,)
+
+    def pro(values: np.ndarray, thresholds: np.ndarray, strict: bool) -> np.ndarray:
+        """PRO of the anomalous pixels with value > (strict) or >= each threshold."""
+        order = np.argsort(values)
+        above = np.concatenate([np.cumsum(share[order][::-1])[::-1], [0.0]])  # (P + 1,) share of ranks >= i
+        return above[np.searchsorted(values[order], thresholds, side="right" if strict else "left")]
+
+    # L on ((m - 1)/n, m/n], m = 1..; U on [j/n, (j + 1)/n), j = 0..; both cut at fpr_limit
+    steps = np.arange(int(np.ceil(fpr_limit * n)) + 1)  # enough to cover [0, fpr_limit]
+    steps = steps[steps / n < fpr_limit]
+    width = np.minimum((steps + 1) / n, fpr_limit) - steps / n  # (S,) the length of each step
+    lower = pro(lo[truth], normal_hi[steps], strict=True)  # m = step + 1
+    upper = np.where(steps + 1 <= n, pro(hi[truth], normal_lo[np.minimum(steps, n - 1)], strict=False), 1.0)
+    return float(np.sum(width * (upper - lower)) / fpr_limit)
 
 
 # ---------------------------------------------------------------- bounds of the other numeric tests
@@ -152,7 +196,7 @@ def metric_shift_bounds(
     image's), its maps as far (bilinear and blur are convex) plus both runs' blur rounding; the
     min-max normalisation turns a move of delta into at most 4 delta / (span - 2 delta); the mean
     over members moves by the mean of theirs. The metrics then move by auroc_shift_bound and
-    pro_shift_bound, plus their own float64 rounding."""
+    aupro_shift_bound, plus their own float64 rounding."""
     score_shifts, map_shifts = [], []
     for (scores, maps), bank_norm in zip(members, bank_norms):
         delta = float(score_shift_bound(np.max(scores), bank_norm, rounding))
@@ -189,7 +233,7 @@ def ensemble_metric_bounds(members, score_shifts, map_shifts, truth, labels, sub
 def metric_bounds(scores, maps, truth, labels, score_delta: float, map_delta: float, subset=None) -> dict[str, float]:
     """How far the five metrics of normalised ``scores`` (N,) and ``maps`` (N, H, W) can move when
     the scores move by at most ``score_delta`` and the maps by ``map_delta``: auroc_shift_bound and
-    pro_shift_bound, plus the float64 rounding of the metrics themselves (trapezoid_bound, aupro_bound).
+    aupro_shift_bound, plus the float64 rounding of the metrics themselves (trapezoid_bound, aupro_bound).
     ``truth`` (N, H, W) the anomalous pixels, ``labels`` (N,), ``subset`` (N,) the images of the
     anomaly-only metrics (default: those with an anomalous pixel)."""
     scores, maps = np.asarray(scores, dtype=np.float64), np.asarray(maps, dtype=np.float64)
@@ -198,10 +242,10 @@ def metric_bounds(scores, maps, truth, labels, score_delta: float, map_delta: fl
     return {
         "instance_auroc": auroc_shift_bound(scores, labels, score_delta) + trapezoid_bound(len(scores) + 1),
         "full_pixel_auroc": auroc_shift_bound(maps, truth, map_delta) + trapezoid_bound(maps.size + 1),
-        "full_pro": pro_shift_bound(maps, ~truth, map_delta) + aupro_bound(maps.size, 0.3),
+        "full_pro": aupro_shift_bound(maps, truth, map_delta) + aupro_bound(maps.size, 0.3),
         "anomaly_pixel_auroc": auroc_shift_bound(maps[subset], truth[subset], map_delta)
         + trapezoid_bound(maps.size + 1),
-        "anomaly_pro": pro_shift_bound(maps[subset], ~truth[subset], map_delta) + aupro_bound(maps.size, 0.3),
+        "anomaly_pro": aupro_shift_bound(maps[subset], truth[subset], map_delta) + aupro_bound(maps.size, 0.3),
     }
 
 
@@ -223,8 +267,9 @@ def raw_metric_bounds(scores, maps, truth, labels, subset, score_shift, map_shif
     The metrics rank the values, and the min-max normalisation is one increasing map: it changes no
     order, except where its float32 rounding (a subtraction and a division of values <= 1: 2 u on
     each side) makes or breaks a tie, so 4 u of the span widens every shift. The AUROCs move by the
-    pairs closer than their two shifts (auroc_shift_bound), the AUPROs by the FPR window of the
-    largest shift (pro_shift_bound); plus their own float64 rounding."""
+    pairs closer than their two shifts (auroc_shift_bound), the AUPROs by the area between the PRO
+    curves of the pixels moved down and up (aupro_shift_bound), each pixel by its own shift; plus
+    their own float64 rounding."""
     scores, maps = np.asarray(scores, dtype=np.float64), np.asarray(maps, dtype=np.float64)
     truth, labels, subset = (np.asarray(a).astype(bool) for a in (truth, labels, subset))
     score_shift = np.broadcast_to(score_shift, scores.shape) + 4 * U * (scores.max() - scores.min())  # (N,)
@@ -232,14 +277,13 @@ def raw_metric_bounds(scores, maps, truth, labels, subset, score_shift, map_shif
     if map_shift.ndim == 1:
         map_shift = map_shift[:, None, None]  # each image's, for each of its pixels
     pixel_shift = np.broadcast_to(map_shift, maps.shape) + 4 * U * (maps.max() - maps.min())  # (N, H, W)
-    largest = float(pixel_shift.max())
     return {
         "instance_auroc": auroc_shift_bound(scores, labels, score_shift) + trapezoid_bound(len(scores) + 1),
         "full_pixel_auroc": auroc_shift_bound(maps, truth, pixel_shift) + trapezoid_bound(maps.size + 1),
-        "full_pro": pro_shift_bound(maps, ~truth, largest) + aupro_bound(maps.size, 0.3),
+        "full_pro": aupro_shift_bound(maps, truth, pixel_shift) + aupro_bound(maps.size, 0.3),
         "anomaly_pixel_auroc": auroc_shift_bound(maps[subset], truth[subset], pixel_shift[subset])
         + trapezoid_bound(maps.size + 1),
-        "anomaly_pro": pro_shift_bound(maps[subset], ~truth[subset], largest) + aupro_bound(maps.size, 0.3),
+        "anomaly_pro": aupro_shift_bound(maps[subset], truth[subset], pixel_shift[subset]) + aupro_bound(maps.size, 0.3),
     }
 
 

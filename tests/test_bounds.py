@@ -8,7 +8,7 @@ from sklearn.metrics import roc_auc_score
 
 from patchcore_lightning.pro import aupro
 
-from .bounds import auroc_shift_bound, pro_shift_bound
+from .bounds import aupro_bound, aupro_shift_bound, auroc_shift_bound
 
 
 def _data(seed: int, n: int = 400):
@@ -46,14 +46,47 @@ def test_auroc_moves_no_further_than_the_bound():
         assert bound > 0 and base - roc_auc_score(labels, worst) > 0  # the data do tie within the shifts
 
 
-def test_aupro_moves_no_further_than_the_bound():
-    rng = np.random.default_rng(3)
+def _pro_data(seed: int, deltas):
+    rng = np.random.default_rng(seed)
     masks = np.zeros((4, 32, 32), dtype=bool)
-    masks[0, 4:12, 4:12] = masks[1, 20:30, 2:9] = masks[2, 10:13, 10:30] = True
-    scores = np.round(rng.normal(size=masks.shape) + 1.5 * masks, 2)
-    delta = 0.01
-    bound = pro_shift_bound(scores, ~masks, delta)
-    base = float(aupro(torch.from_numpy(scores), torch.from_numpy(masks)))
-    for moved in (scores - np.where(masks, delta, -delta), scores + np.where(masks, delta, -delta),
-                  *(scores + delta * rng.uniform(-1, 1, size=scores.shape) for _ in range(10))):
-        assert abs(float(aupro(torch.from_numpy(moved), torch.from_numpy(masks))) - base) <= bound
+    masks[0, 4:12, 4:12] = masks[1, 20:30, 2:9] = masks[2, 10:13, 10:30] = masks[2, 25:27, 3:5] = True
+    scores = np.round(rng.normal(size=masks.shape) + 1.5 * masks, 2)  # rounded: ties and near ties
+    delta = rng.choice(deltas, size=masks.shape)  # (4, 32, 32): one per pixel
+    return scores, masks, delta
+
+
+def _aupro(scores, masks) -> float:
+    return float(aupro(torch.from_numpy(scores), torch.from_numpy(masks)))
+
+
+def test_aupro_moves_no_further_than_the_bound():
+    """The worst moves (anomalous pixels down and normal ones up, and the other way round) and random
+    moves, with per-pixel shifts that tie with the scores (0) and a scalar shift."""
+    rng = np.random.default_rng(3)
+    rounding = aupro_bound(4 * 32 * 32, 0.3)  # the two AUPROs' own float64 rounding
+    for seed in range(4):
+        scores, masks, delta = _pro_data(seed, [0.0, 0.0043, 0.0217])
+        for d in (delta, 0.01):
+            bound = aupro_shift_bound(scores, masks, d)
+            base = _aupro(scores, masks)
+            worst = [scores - np.where(masks, d, -d), scores + np.where(masks, d, -d)]
+            assert base - _aupro(worst[0], masks) > 0  # the data do tie within the shifts
+            for moved in (*worst, *(scores + d * rng.uniform(-1, 1, size=scores.shape) for _ in range(10))):
+                assert abs(_aupro(moved, masks) - base) <= bound + rounding
+
+
+def test_aupro_shift_bound_is_the_area_between_the_worst_moves():
+    """Where no anomalous pixel moved down ties a normal one moved up (shifts off the scores' 0.01
+    grid), the two worst moves trace the bound's lower and upper curves exactly, so the bound is the
+    spread of their AUPROs (to the float64 rounding of three areas): it is attained, not loose."""
+    for seed in range(4):
+        scores, masks, delta = _pro_data(seed, [0.0011, 0.0043, 0.0217])
+        low = _aupro(scores - np.where(masks, delta, -delta), masks)
+        high = _aupro(scores + np.where(masks, delta, -delta), masks)
+        bound = aupro_shift_bound(scores, masks, delta)
+        assert abs(bound - (high - low)) <= 1.5 * aupro_bound(4 * 32 * 32, 0.3)
+        # a scalar shift is the same bound as that shift on every pixel
+        assert aupro_shift_bound(scores, masks, 0.0043) == aupro_shift_bound(scores, masks, np.full(scores.shape, 0.0043))
+        # no shift: only exact ties of anomalous and normal scores leave the curve open
+        exact = _aupro(scores + 1e-9 * masks, masks) - _aupro(scores - 1e-9 * masks, masks)
+        assert abs(aupro_shift_bound(scores, masks, 0.0) - exact) <= 1.5 * aupro_bound(4 * 32 * 32, 0.3)
