@@ -18,7 +18,8 @@ network, the pairs and PRO-curve area such moves can reorder), at the CLI's batc
 so with the CLI's kernels. Each metric's difference, results.csv's and this process's, must lie
 within that bound: the script prints both and exits 1 where one does not. TF32's bound is wide
 (its convolutions round their inputs to 10 bits), and it says by how much TF32 may move each metric
-on these data; the search's products stay float32 under TF32, so the bound's exact search holds.
+on these data; the search's products and the blur stay float32 under TF32 (precision.py), so the
+bound's exact search and float32 blur hold.
 With ``--device cpu`` every setting runs on the CPU (TF32 changes nothing there).
 """
 

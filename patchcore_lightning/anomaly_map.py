@@ -1,7 +1,8 @@
 """Patch scores → segmentation maps, and the min-max normalisation of a member.
 
 The blur equals ``scipy.ndimage.gaussian_filter(x, sigma, truncate=4.0, mode="reflect")`` (the
-original's segmentor), computed in torch on the scores' device.
+original's segmentor), computed in torch on the scores' device, in float32 products even where the
+backbone may use TF32 (``precision``).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
+
+from .precision import full_float32
 
 __all__ = ["gaussian_blur", "gaussian_kernel1d", "minmax_normalise", "minmax_scale", "segmentation_maps"]
 
@@ -40,11 +43,12 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0, truncate: float = 4.0)
     B, H, W = maps.shape
     kernel = _device_kernel(float(sigma), float(truncate), maps.device, maps.dtype)  # (1, 1, 2r+1)
     r = (kernel.shape[-1] - 1) // 2
-    x = maps.index_select(2, _reflect_index(W, r, maps.device))  # (B, H, W + 2r)
-    x = F.conv1d(x.reshape(B * H, 1, -1), kernel).view(B, H, W)
-    x = x.index_select(1, _reflect_index(H, r, maps.device))  # (B, H + 2r, W)
-    x = x.transpose(1, 2).reshape(B * W, 1, -1)  # (B*W, 1, H + 2r)
-    return F.conv1d(x, kernel).view(B, W, H).transpose(1, 2).contiguous()
+    with full_float32():  # float32 products even where the backbone may use TF32 (precision)
+        x = maps.index_select(2, _reflect_index(W, r, maps.device))  # (B, H, W + 2r)
+        x = F.conv1d(x.reshape(B * H, 1, -1), kernel).view(B, H, W)
+        x = x.index_select(1, _reflect_index(H, r, maps.device))  # (B, H + 2r, W)
+        x = x.transpose(1, 2).reshape(B * W, 1, -1)  # (B*W, 1, H + 2r)
+        return F.conv1d(x, kernel).view(B, W, H).transpose(1, 2).contiguous()
 
 
 def segmentation_maps(patch_scores: torch.Tensor, size: tuple[int, int], sigma: float = 4.0) -> torch.Tensor:

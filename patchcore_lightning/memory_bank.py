@@ -20,8 +20,7 @@ Two ways to find the candidates:
 - ``torch``: the same formula by matrix products and a running top-k, over chunks of the queries
   and of the bank so that no distance block exceeds ``block_bytes``: memory is bounded and time
   linear in the bank size. It runs on any device. Its products are float32 even where TF32 is
-  allowed (``--model.allow_tf32``): TF32's 10-bit products would move the formula by ~1e-3 of
-  ``|x|²``, more than the gap between the nearest rows, and the candidates would miss them.
+  allowed (``--model.allow_tf32``; ``precision``).
 
 ``knn_backend`` ``auto`` picks per device: faiss on the CPU; on a GPU faiss's GPU index when the
 installed faiss has GPU support, else the torch search on that GPU. ``faiss`` behind a GPU with a
@@ -31,13 +30,14 @@ CPU-only faiss searches on the CPU (``describe`` says so; the module logs it as 
 from __future__ import annotations
 
 import os
-from contextlib import contextmanager
 from typing import Literal
 
 import faiss
 import faiss.contrib.torch_utils  # lets faiss indexes take and return torch tensors
 import torch
 from torch import nn
+
+from .precision import full_float32
 
 __all__ = [
     "DEFAULT_BLOCK_BYTES",
@@ -89,19 +89,8 @@ def torch_knn(
     Chunks the queries and the bank so that no distance block holds more than ``block_bytes``;
     ``bank_sq`` (M,) are the bank's squared norms, computed when not given.
     """
-    with _float32_products():
+    with full_float32():  # TF32's products would miss the nearest rows (precision)
         return _torch_knn(queries, bank, k, bank_sq, block_bytes)
-
-
-@contextmanager
-def _float32_products():
-    """cuBLAS in float32 (no TF32) inside, torch's flag restored afterwards."""
-    allowed = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    try:
-        yield
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
 def _torch_knn(queries, bank, k, bank_sq, block_bytes) -> tuple[torch.Tensor, torch.Tensor]:

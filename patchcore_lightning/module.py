@@ -61,9 +61,9 @@ class PatchCoreModule(L.LightningModule):
         allow_tf32: let cuDNN and cuBLAS use TF32 on Ampere and newer GPUs: faster, but the
             backbone's convolutions then round their inputs to 10 bits (2^-11, ~8,000 times float32's
             2^-24), so the metrics move (``benchmarks/gpu_equivalence.py`` bounds how far on its
-            data); the search's products stay float32 (``memory_bank``). Off by default so that a GPU
-            gives the CPU's numbers. The CLI sets torch's flags from it; the module itself changes
-            no global state.
+            data); the search's products and the maps' blur stay float32 (``precision``). Off by
+            default so that a GPU gives the CPU's numbers. The CLI sets torch's flags from it; the
+            module itself changes no global state.
         original_bn_warmup: replay the original's one train-mode forward pass of an all-ones
             image, which shifts the BatchNorm running statistics of every backbone it builds (see
             docs/computation.md). Models made by the original (and by ``fit``) need it for their numbers.

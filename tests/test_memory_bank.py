@@ -76,32 +76,6 @@ def test_distances_do_not_cancel_when_the_norms_dwarf_them(backend):
     _assert_within(found, exact, ROUNDING)
 
 
-@pytest.mark.parametrize("allowed", [True, False])
-def test_torch_search_products_are_float32_even_where_tf32_is_allowed(monkeypatch, allowed):
-    """TF32 (``--model.allow_tf32``) must not reach the candidates' product: its 10-bit mantissas move
-    the formula by ~1e-3 of |x|², more than the gaps between a query's nearest rows, and the exact
-    re-ranking would rank the wrong candidates. cuBLAS reads torch's flag when a product runs, so the
-    flag is recorded there (on a CPU too); the caller's setting is back afterwards."""
-    seen = []
-    addmm = torch.Tensor.addmm_
-
-    def recording(self, *args, **kwargs):
-        seen.append(torch.backends.cuda.matmul.allow_tf32)
-        return addmm(self, *args, **kwargs)
-
-    monkeypatch.setattr(torch.Tensor, "addmm_", recording)
-    before = torch.backends.cuda.matmul.allow_tf32  # a property of torch's, not monkeypatch's to set
-    torch.backends.cuda.matmul.allow_tf32 = allowed
-    try:
-        g = torch.Generator().manual_seed(0)
-        MemoryBank(torch.randn(50, 8, generator=g), knn_backend="torch").search(torch.randn(6, 8, generator=g), 2)
-        after = torch.backends.cuda.matmul.allow_tf32
-    finally:
-        torch.backends.cuda.matmul.allow_tf32 = before
-    assert seen and not any(seen)
-    assert after is allowed
-
-
 def test_torch_search_never_builds_a_block_over_the_limit(monkeypatch):
     sizes = []
     addmm_ = torch.Tensor.addmm_
