@@ -93,7 +93,9 @@ def torch_knn(
         return _torch_knn(queries, bank, k, bank_sq, block_bytes)
 
 
-def _torch_knn(queries, bank, k, bank_sq, block_bytes) -> tuple[torch.Tensor, torch.Tensor]:
+def _torch_knn(
+    queries: torch.Tensor, bank: torch.Tensor, k: int, bank_sq: torch.Tensor | None, block_bytes: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     N, D = queries.shape
     M = len(bank)
     if bank_sq is None:

@@ -115,18 +115,18 @@ def test_global_state_is_set_by_the_cli_only():
 
 
 def _restored(tree: ast.Module, assign: ast.Assign) -> bool:
-    """Whether ``assign`` sets a flag inside a ``@contextmanager`` whose ``finally`` sets it back (the
-    torch search's float32 products): the flag is the caller's again when the block ends."""
-    flag = ast.unparse(assign.targets[0])
+    """Whether ``assign`` sets flags inside a ``@contextmanager`` whose ``finally`` sets each of them back
+    (precision.full_float32): the flags are the caller's again when the block ends."""
+    flags = [ast.unparse(target) for target in assign.targets]
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef) and any("contextmanager" in ast.unparse(d) for d in node.decorator_list):
             if any(inner is assign for inner in ast.walk(node)):
-                return any(
-                    isinstance(t, ast.Try) and any(
-                        isinstance(f, ast.Assign) and flag in ast.unparse(f.targets[0]) for f in t.finalbody
-                    )
-                    for t in ast.walk(node)
+                restored = " ".join(
+                    ast.unparse(f.targets[0])
+                    for t in ast.walk(node) if isinstance(t, ast.Try)
+                    for f in t.finalbody if isinstance(f, ast.Assign)
                 )
+                return all(flag in restored for flag in flags)
     return False
 
 
