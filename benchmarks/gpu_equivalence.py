@@ -102,8 +102,7 @@ def main() -> None:
     tables = {}
     for name, extra in {"cpu": ["--trainer.accelerator", "cpu"],
                         **{s: ["--trainer.accelerator", accelerator, *a] for s, (a, _, _) in SETTINGS.items()}}.items():
-        with tf32(False):  # this process's default; the CLI sets its own from --model.allow_tf32
-            seconds = cli("test", *common, "--model.model_paths", models, *extra, "--results_dir", str(work / name))
+        seconds = cli("test", *common, "--model.model_paths", models, *extra, "--results_dir", str(work / name))
         tables[name] = read_results(work / name / "results.csv")
         print(f"test on {name}: {seconds:.1f} s  mean {tables[name]['mean']}")
 
