@@ -215,21 +215,25 @@ def normalised_shift(delta, span):
     return 4 * delta / (span - 2 * delta)
 
 
+def normalised_mean(values, shifts) -> tuple[np.ndarray, float]:
+    """The mean over members of each member's min-max normalised ``values[m]`` (any shape, float64),
+    and how far it moves when member m's raw values move by at most ``shifts[m]``: each member's by
+    normalised_shift, the mean by the mean of theirs."""
+    normalised, delta = [], 0.0
+    for v, shift in zip(values, shifts):
+        v = np.asarray(v, dtype=np.float64)
+        span = v.max() - v.min()
+        delta += normalised_shift(shift, span) / len(values)
+        normalised.append((v - v.min()) / span)
+    return np.mean(normalised, axis=0), delta
+
+
 def ensemble_metric_bounds(members, score_shifts, map_shifts, truth, labels, subset=None) -> dict[str, float]:
     """How far the five metrics of an ensemble can move when member m's raw scores move by at most
     ``score_shifts[m]`` and its maps by ``map_shifts[m]``: ``members`` [(scores (N,), maps (N, H, W))]
-    raw; each member min-max normalised (normalised_shift), the mean over members moving by the mean
-    of theirs; then metric_bounds."""
-    score_delta = map_delta = 0.0
-    norm_scores, norm_maps = [], []
-    for (scores, maps), score_shift, map_shift in zip(members, score_shifts, map_shifts):
-        scores, maps = np.asarray(scores, dtype=np.float64), np.asarray(maps, dtype=np.float64)
-        span, map_span = scores.max() - scores.min(), maps.max() - maps.min()
-        score_delta += normalised_shift(score_shift, span) / len(members)
-        map_delta += normalised_shift(map_shift, map_span) / len(members)
-        norm_scores.append((scores - scores.min()) / span)
-        norm_maps.append((maps - maps.min()) / map_span)
-    scores, maps = np.mean(norm_scores, axis=0), np.mean(norm_maps, axis=0)
+    raw; the mean of the normalised members (normalised_mean), then metric_bounds."""
+    scores, score_delta = normalised_mean([scores for scores, _ in members], score_shifts)
+    maps, map_delta = normalised_mean([maps for _, maps in members], map_shifts)
     return metric_bounds(scores, maps, truth, labels, score_delta, map_delta, subset)
 
 

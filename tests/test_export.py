@@ -47,7 +47,7 @@ from .bounds import (
     chain_bound,
     embed_bound,
     formula_bound,
-    normalised_shift,
+    normalised_mean,
     patch_score_shift,
     score_shift_bound,
     trapezoid_bound,
@@ -154,9 +154,7 @@ class Case:
         labels = torch.tensor([self.labels[p] for p in order])
         theirs = np.stack([self.raw_scores[p] for p in order])  # (N, M) test's raw scores
         delta = np.abs(member_scores.double().numpy() - theirs).max(axis=0)  # (M,)
-        span = theirs.max(axis=0) - theirs.min(axis=0)
-        moved = float(np.mean(normalised_shift(delta, span)))
-        normalised = ((theirs - theirs.min(axis=0)) / span).mean(axis=1)
+        normalised, moved = normalised_mean(theirs.T, delta)  # (N,), the most it moves
         bound = auroc_shift_bound(normalised, labels.numpy(), moved) + 2 * trapezoid_bound(len(order) + 1, U)
         got = image_auroc(minmax_normalise(member_scores.T).mean(dim=0), labels)
         assert abs(got - self.result.instance_auroc) <= bound, (got, self.result.instance_auroc, bound)
