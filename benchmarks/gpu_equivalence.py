@@ -29,7 +29,6 @@ import argparse
 import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -43,6 +42,7 @@ from bench_gpu import weights_file  # noqa: E402  (this folder)
 
 from patchcore_lightning.data.synthetic import make_synthetic_mvtec  # noqa: E402
 from patchcore_lightning.model import Backbones, PatchCore  # noqa: E402
+from patchcore_lightning.precision import tf32  # noqa: E402
 from patchcore_lightning.reporting import read_results  # noqa: E402
 from tests.agreement import agreement_bounds, category_tensors, device_run, metrics_of  # noqa: E402
 from tests.bounds import U  # noqa: E402
@@ -66,17 +66,6 @@ def cli(*args: str) -> float:
     for line in where:
         print("  " + line.strip()[:160])
     return time.perf_counter() - start
-
-
-@contextmanager
-def tf32(allowed: bool):
-    """TF32 for cuDNN and cuBLAS as ``--model.allow_tf32`` sets it, restored afterwards."""
-    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
 
 
 def main() -> None:
@@ -113,20 +102,21 @@ def main() -> None:
         with tf32(False):
             model = PatchCore.from_folder(folders[category], imagesize, Backbones(str(weights)))
             cpu = device_run(model, images, "cpu", batch_size)
+        cpu_metrics = metrics_of(cpu, labels, masks)
         # the bound is this process's: it holds results.csv where the CLI ran the same kernels
-        same = max(abs(v - tables["cpu"][row][k]) for k, v in metrics_of(cpu, labels, masks).items())
+        same = max(abs(v - tables["cpu"][row][k]) for k, v in cpu_metrics.items())
         print(f"{category}: this process's CPU metrics vs the CLI's results.csv: largest difference {same:.2g}")
         for name, (_, knn_backend, allow_tf32) in SETTINGS.items():
             model = PatchCore.from_folder(folders[category], imagesize, Backbones(str(weights)), knn_backend=knn_backend)
             with tf32(allow_tf32):  # the float64 forward that measures the features ignores TF32
                 run = device_run(model, images, device, batch_size)
             bounds = agreement_bounds(cpu, run, model.cpu(), labels, masks)
-            ours = {side: metrics_of(r, labels, masks) for side, r in (("cpu", cpu), (name, run))}
+            ours = metrics_of(run, labels, masks)
             print(f"{category}, {name}: features within {cpu.rounding / U:.3g} u (cpu) and {run.rounding / U:.3g} u "
                   f"({name}) of float64")
             for metric, bound in bounds.items():
                 cli_diff = abs(tables[name][row][metric] - tables["cpu"][row][metric])
-                diff = abs(ours[name][metric] - ours["cpu"][metric])
+                diff = abs(ours[metric] - cpu_metrics[metric])
                 ok = max(cli_diff, diff) <= bound
                 print(f"  {metric}: |{name} - cpu| {diff:.2g} (CLI {cli_diff:.2g}), bound {bound:.2g}"
                       f"{'' if ok else '  <- past its bound'}")

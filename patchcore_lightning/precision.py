@@ -9,26 +9,35 @@ user trades against its rounding. Two computations after the backbone must not t
   miss them and the exact re-ranking would rank the wrong rows;
 - the Gaussian blur of the maps (``anomaly_map``), a convolution: every map value would move by
   ~1e-3 of itself, for no speed that matters (it is a small part of a forward).
+
+``tf32(allowed)`` sets both flags for one block and gives the caller's back after it;
+``full_float32()`` is its float32 case.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 
 import torch
 
-__all__ = ["full_float32"]
+__all__ = ["full_float32", "tf32"]
 
 
 @contextmanager
-def full_float32() -> Iterator[None]:
-    """cuDNN convolutions and cuBLAS products in float32 (no TF32) inside the block; torch's two
-    flags are the caller's again after it. The flags only act on CUDA devices, and they are the
-    process's: a convolution another thread runs meanwhile is float32 too (slower, never less exact)."""
+def tf32(allowed: bool) -> Iterator[None]:
+    """cuDNN convolutions and cuBLAS products with TF32 ``allowed`` or not inside the block; torch's
+    two flags are the caller's again after it. The flags only act on CUDA devices, and they are the
+    process's: a convolution another thread runs meanwhile follows them too."""
     cudnn, matmul = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = allowed
     try:
         yield
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = cudnn, matmul
+
+
+def full_float32() -> AbstractContextManager[None]:
+    """Float32 products (no TF32) inside the block, the caller's flags after it: ``tf32(False)``. Another
+    thread's convolution meanwhile is float32 too (slower, never less exact)."""
+    return tf32(False)
